@@ -1,0 +1,1 @@
+"""CPM-2 in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Sub-commands of the `cpm2` console script, one module each."""

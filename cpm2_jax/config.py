@@ -1,0 +1,101 @@
+"""Model configuration: one frozen dataclass and the named sizes of CPM-2 and its test models.
+
+Figures from CPM2_FACTS.md ("Dense model"): 24+24 layers, d_model 4096, d_ff 10240,
+64 heads x 64, 32 relative-position buckets (max distance 128), bilingual vocabulary 52,736.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from cpm2_jax.errors import ConfigError, closest
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Every dimension and switch of the dense (and, with `num_experts`, MoE) model."""
+
+    vocab_size: int = 52736
+    d_model: int = 4096
+    d_ff: int = 10240
+    num_heads: int = 64
+    head_dim: int = 64
+    num_encoder_layers: int = 24
+    num_decoder_layers: int = 24
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    dropout_rate: float = 0.0  # 0 in pre-training, 0.1 in fine-tuning (CPM2_FACTS "Dense model")
+    init_std: float = 0.001  # the original code's normal(0, 0.001) for every matrix
+    # Numerics: parameters are stored in `param_dtype`; matmuls run in `dtype`. Softmax and
+    # RMSNorm statistics are always float32.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    # Compilation: nn.scan over layers (fast compile for 48 layers) and a remat policy name
+    # from cpm2_jax.model.transformer.REMAT_POLICIES ("none", "full", "dots", ...).
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    # Mixture of experts (0 = dense). Filled in by the MoE configs.
+    num_experts: int = 0
+    moe_router: str = "balanced"
+    moe_backend: str = "auto"
+    moe_capacity_factor: float = 1.0
+    moe_top_k: int = 1
+
+    def __post_init__(self):
+        for field in ("vocab_size", "d_model", "d_ff", "num_heads", "head_dim",
+                      "num_encoder_layers", "num_decoder_layers", "relative_attention_num_buckets"):
+            if getattr(self, field) <= 0:
+                raise ConfigError(f"ModelConfig.{field} must be positive, got {getattr(self, field)}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"ModelConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.param_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"ModelConfig.param_dtype must be float32 or bfloat16, got {self.param_dtype!r}")
+
+    def replace(self, **changes) -> "ModelConfig":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            name = sorted(unknown)[0]
+            raise ConfigError(f"ModelConfig has no field {name!r}"
+                              + closest(name, [f.name for f in dataclasses.fields(self)]))
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+
+# The named sizes. `small` and `base` have mT5-small's / mT5-base's shapes with the bilingual
+# CPM-2 vocabulary; `tiny` is for tests (its vocabulary is small so tests stay fast).
+SIZES: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(vocab_size=512, d_model=64, d_ff=128, num_heads=4, head_dim=16,
+                        num_encoder_layers=2, num_decoder_layers=2),
+    "small": ModelConfig(d_model=512, d_ff=1024, num_heads=6, head_dim=64,
+                         num_encoder_layers=8, num_decoder_layers=8),
+    "base": ModelConfig(d_model=768, d_ff=2048, num_heads=12, head_dim=64,
+                        num_encoder_layers=12, num_decoder_layers=12),
+    "cpm2_11b": ModelConfig(),
+    # The Chinese stage: 26,240 ids (26,050 word-pieces + 190 sentinels), same body.
+    "cpm2_11b_zh": ModelConfig(vocab_size=26240),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """The named size, with field overrides; an unknown name suggests the closest one."""
+    if name not in SIZES:
+        raise ConfigError(f"unknown model size {name!r}{closest(name, SIZES)}; "
+                          f"known sizes: {', '.join(sorted(SIZES))}")
+    return SIZES[name].replace(**overrides) if overrides else SIZES[name]
+
+
+def register_size(name: str, config: ModelConfig, *, overwrite: bool = False) -> None:
+    """Adds a named size (the MoE configs register theirs here)."""
+    if name in SIZES and not overwrite and SIZES[name] != config:
+        raise ConfigError(f"model size {name!r} is already registered with a different config")
+    SIZES[name] = config
+
+
+def dtype_of(name: Optional[str]):
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]

@@ -1,0 +1,113 @@
+"""Gin at the edge: t5x's flags (--gin_file, --gin_bindings, --gin.NAME=value,
+--gin_search_paths) and the configurables the gin files bind.
+
+Gin files come in three tiers (as in t5x): `gin/models/cpm2.gin` (architecture shared by
+every size), size files such as `gin/models/cpm2_11b.gin` that only override dimensions,
+and run files under `gin/runs/` that declare `%gin.REQUIRED` macros.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import re
+from typing import Iterable, Optional, Sequence
+
+import gin
+
+from cpm2_jax.config import ModelConfig, get_config
+from cpm2_jax.errors import ConfigError, closest
+
+# The repository's gin/ folder (the project is installed editable; see README "Layout").
+GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
+
+
+@gin.configurable(module="cpm2_jax")
+def model_config(size: Optional[str] = None, **overrides) -> ModelConfig:
+    """The model's ModelConfig: a named size (optional) with every bound field overriding it."""
+    base = get_config(size) if size else ModelConfig()
+    return base.replace(**overrides) if overrides else base
+
+
+def add_gin_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds --gin_file (repeatable), --gin_bindings (repeatable) and --gin_search_paths;
+    --gin.NAME=value flags are collected by `split_gin_dot_flags` before argparse sees them."""
+    parser.add_argument("--gin_file", action="append", default=[], metavar="FILE",
+                        help="gin file to parse (repeatable); looked up in --gin_search_paths and gin/")
+    parser.add_argument("--gin_bindings", action="append", default=[], metavar="BINDING",
+                        help="a gin binding such as 'MODEL_DIR=\"/tmp/run\"' (repeatable)")
+    parser.add_argument("--gin_search_paths", default="", metavar="DIRS",
+                        help="comma-separated folders in which gin files (and their includes) are looked up")
+
+
+def split_gin_dot_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separates t5x's `--gin.NAME=value` flags (returned as bindings `NAME=value`) from argv."""
+    rest, bindings = [], []
+    for arg in argv:
+        m = re.match(r"^--gin\.([^=]+)=(.*)$", arg, re.S)
+        if m:
+            bindings.append(f"{m.group(1)} = {m.group(2)}")
+        elif arg.startswith("--gin.") and "=" not in arg:
+            raise ConfigError(f"flag {arg!r}: expected --gin.NAME=value")
+        else:
+            rest.append(arg)
+    return rest, bindings
+
+
+def search_paths(extra: str | Iterable[str] = "") -> list[pathlib.Path]:
+    if isinstance(extra, str):
+        extra = [p for p in extra.split(",") if p]
+    return [pathlib.Path(p) for p in extra] + [pathlib.Path.cwd(), GIN_DIR, GIN_DIR.parent]
+
+
+def _resolve(path: str, paths: Sequence[pathlib.Path]) -> str:
+    p = pathlib.Path(path)
+    if p.is_file():
+        return str(p)
+    for base in paths:
+        if (base / path).is_file():
+            return str(base / path)
+    raise ConfigError(f"--gin_file {path!r} not found (searched: {', '.join(str(b) for b in paths)})")
+
+
+def parse_gin(files: Sequence[str] = (), bindings: Sequence[str] = (), search: str | Iterable[str] = "",
+              *, finalize: bool = True) -> None:
+    """Clears gin, then parses the files and bindings; errors become one ConfigError naming
+    the file or binding at fault (and the closest configurable for an unknown name)."""
+    gin.clear_config()
+    paths = search_paths(search)
+    for p in paths:
+        if p.is_dir():
+            gin.add_config_file_search_path(str(p))
+    resolved = [_resolve(f, paths) for f in files]
+    # gin logs an ERROR for every search path an include is not in before it finds it.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)
+    try:
+        gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=finalize)
+    except (ValueError, KeyError, IOError, SyntaxError) as err:
+        raise ConfigError(_explain_gin_error(err, resolved, bindings)) from None
+    finally:
+        root.setLevel(level)
+
+
+def _explain_gin_error(err: Exception, files, bindings) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    m = re.search(r"No configurable matching '([^']+)'", str(err))
+    if m:
+        name = m.group(1)
+        known = [c.rsplit(".", 1)[-1] for c in _known_configurables()]
+        text += closest(name.rsplit(".", 1)[-1], known)
+    where = f" in gin files {list(files)}" if files else ""
+    if bindings:
+        where += f" / bindings {list(bindings)}"
+    return f"gin: {text}{where}"
+
+
+def _known_configurables() -> list[str]:
+    registry = getattr(gin.config, "_REGISTRY", {})
+    try:
+        return [str(k) for k in registry.keys()]
+    except Exception:  # registry layout differs between gin versions
+        return []

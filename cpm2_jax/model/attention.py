@@ -1,0 +1,192 @@
+"""Multi-head attention without 1/sqrt(d) scaling or biases, and T5 relative position buckets.
+
+CPM2_FACTS "Dense model": no attention scaling (T5 convention), no biases; relative position
+bias with 32 buckets and max distance 128, bidirectional in the encoder, causal in the
+decoder, computed once per stack and shared by every layer (`RelativePositionBias` lives at
+the stack level, not in each layer).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cpm2_jax.config import dtype_of
+from cpm2_jax.model.dense import Projection, normal_init
+
+# Added to the logits of masked positions. Finite (not -inf) so a fully masked row (a padded
+# query) gives a uniform distribution instead of NaN.
+MASK_VALUE = -1e10
+
+
+def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,
+                             num_buckets: int = 32, max_distance: int = 128) -> jax.Array:
+    """T5's bucket of (key position - query position).
+
+    Half the buckets (all of them when causal) hold exact offsets 0..max_exact-1; the rest
+    grow logarithmically up to `max_distance`, beyond which everything shares the last bucket:
+        bucket = max_exact + floor(log(n / max_exact) / log(max_distance / max_exact)
+                                   * (num_buckets - max_exact)),   n = |offset| >= max_exact.
+    In bidirectional mode, positive offsets (keys after the query) use the upper half.
+    """
+    ret = jnp.zeros_like(relative_position)
+    n = relative_position
+    if bidirectional:
+        num_buckets //= 2
+        ret = ret + (n > 0).astype(ret.dtype) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(-n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # float32 log, as mT5 computes it (bucket edges then agree with transformers exactly).
+    scaled = (jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+              / math.log(max_distance / max_exact) * (num_buckets - max_exact))
+    large = jnp.minimum(max_exact + scaled.astype(ret.dtype), num_buckets - 1)
+    return ret + jnp.where(is_small, n, large)
+
+
+class RelativePositionBias(nn.Module):
+    """Per-head scalar bias b[h, bucket(k - q)], a [heads, buckets] table shared by a stack."""
+
+    num_heads: int
+    num_buckets: int = 32
+    max_distance: int = 128
+    bidirectional: bool = True
+    init_std: float = 0.001
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, q_len: int, k_len: int, q_offset=0) -> jax.Array:
+        """Returns [1, heads, q_len, k_len] float32. `q_offset` shifts query positions (decoding)."""
+        table = self.param("rel_embedding", nn.with_logical_partitioning(normal_init(self.init_std), ("heads", "relpos_buckets")),
+                           (self.num_heads, self.num_buckets), dtype_of(self.param_dtype))
+        q_pos = jnp.arange(q_len, dtype=jnp.int32)[:, None] + q_offset
+        k_pos = jnp.arange(k_len, dtype=jnp.int32)[None, :]
+        buckets = relative_position_bucket(k_pos - q_pos, bidirectional=self.bidirectional,
+                                           num_buckets=self.num_buckets, max_distance=self.max_distance)
+        bias = jnp.take(table.astype(jnp.float32), buckets, axis=1)  # [heads, q, k]
+        return bias[None]
+
+
+def mask_to_bias(mask: jax.Array) -> jax.Array:
+    """Boolean [batch, 1|heads, q, k] mask (True = attend) -> additive float32 bias."""
+    return jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)
+
+
+def attention_mask(q_valid: jax.Array, k_valid: jax.Array, *, causal: bool = False,
+                   q_segment: Optional[jax.Array] = None, k_segment: Optional[jax.Array] = None) -> jax.Array:
+    """[batch, 1, q, k] boolean mask: key is valid, same packed segment, and (causal) not ahead.
+
+    Queries at padded positions keep their valid keys (as transformers does), so their
+    outputs are finite and simply ignored by the loss.
+    """
+    del q_valid  # padding is masked on the key side only
+    mask = k_valid[:, None, None, :]
+    if q_segment is not None and k_segment is not None:
+        mask = mask & (q_segment[:, None, :, None] == k_segment[:, None, None, :])
+    if causal:
+        q_len, k_len = mask.shape[-2], k_valid.shape[-1]
+        mask = mask & (jnp.arange(q_len)[:, None] >= jnp.arange(k_len)[None, :])[None, None]
+    return mask
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *,
+                          dropout=None, dtype=jnp.float32) -> jax.Array:
+    """softmax(q k^T + bias) v with no 1/sqrt(d) scaling; logits and softmax in float32.
+
+    q: [b, q, h, d]; k, v: [b, k, h, d]; bias: broadcastable to [b, h, q, k].
+    """
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits + bias, axis=-1)
+    if dropout is not None:
+        weights = dropout(weights)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v)
+
+
+class MultiHeadAttention(nn.Module):
+    """Bias-free multi-head attention with optional autoregressive KV cache.
+
+    decode=True, self-attention: keys/values of each step are written into `cached_key` /
+    `cached_value` [batch, max_len, heads, head_dim] at `cache_index` (passed in by the stack).
+    decode=True, cross-attention: the projected encoder keys/values are computed on the first
+    step and reused afterwards (`cached_key`/`cached_value` over the encoder length).
+    """
+
+    num_heads: int
+    head_dim: int
+    dropout_rate: float = 0.0
+    init_std: float = 0.001
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    deterministic: bool = True
+    decode: bool = False
+    is_cross_attention: bool = False
+
+    @nn.compact
+    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array,
+                 cache_index: Optional[jax.Array] = None) -> jax.Array:
+        d_model = inputs_q.shape[-1]
+        proj = dict(features=(self.num_heads, self.head_dim), kernel_axes=("embed", "heads", "kv"),
+                    init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype)
+        query = Projection(name="query", **proj)(inputs_q)
+
+        def project_kv():
+            return (Projection(name="key", **proj)(inputs_kv), Projection(name="value", **proj)(inputs_kv))
+
+        if self.decode and self.is_cross_attention:
+            key, value = self._cached_cross_kv(project_kv, inputs_kv)
+        elif self.decode:
+            key, value = project_kv()
+            key, value = self._update_self_cache(key, value, cache_index)
+        else:
+            key, value = project_kv()
+        axes = ("batch", "length", "heads", "kv")
+        query, key, value = (nn.with_logical_constraint(t, axes) for t in (query, key, value))
+        drop = None
+        if self.dropout_rate > 0.0 and not self.deterministic:
+            drop = lambda w: nn.Dropout(self.dropout_rate)(w, deterministic=False)  # noqa: E731
+        out = dot_product_attention(query, key, value, bias, dropout=drop, dtype=dtype_of(self.dtype))
+        out = nn.with_logical_constraint(out, axes)
+        return Projection(features=(d_model,), kernel_axes=("heads", "kv", "embed"), num_input_axes=2,
+                          init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
+
+    def _update_self_cache(self, key, value, cache_index):
+        """Writes this step's key/value at `cache_index`; returns the whole cache."""
+        initialised = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        if not initialised:
+            # The cache-shaping pass (model.init with the full decode length): nothing to write.
+            return key, value
+        if key.shape[1] != 1:
+            raise ValueError(f"decode=True expects one new decoder position per call, got {key.shape[1]}")
+        idx = jnp.asarray(cache_index, jnp.int32)
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), (0, idx, 0, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), (0, idx, 0, 0))
+        return cached_key.value, cached_value.value
+
+    def _cached_cross_kv(self, project_kv, inputs_kv):
+        """Encoder keys/values: projected on the first decode step, read from the cache after."""
+        shape = inputs_kv.shape[:2] + (self.num_heads, self.head_dim)
+        initialised = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, dtype_of(self.dtype))
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, dtype_of(self.dtype))
+        filled = self.variable("cache", "filled", lambda: jnp.zeros((), jnp.bool_))
+        if not initialised:
+            return project_kv()
+        # Flax submodules cannot be called inside lax.cond: project with the kernels directly.
+        params = nn.meta.unbox(self.variables["params"])
+        dtype = dtype_of(self.dtype)
+
+        def project():
+            x = inputs_kv.astype(dtype)
+            return tuple(jnp.einsum("bld,dhk->blhk", x, params[n]["kernel"].astype(dtype)) for n in ("key", "value"))
+
+        key, value = jax.lax.cond(filled.value, lambda: (cached_key.value, cached_value.value), project)
+        cached_key.value, cached_value.value = key, value
+        filled.value = jnp.ones((), jnp.bool_)
+        return key, value

@@ -1,0 +1,60 @@
+"""Bias-free projections and the shared token embedding, each parameter with logical axis names."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cpm2_jax.config import dtype_of
+
+
+def normal_init(std: float):
+    """normal(0, std): the original CPM-2 code initialises every matrix with std 0.001."""
+    return nn.initializers.normal(stddev=std)
+
+
+class Projection(nn.Module):
+    """y = x . W over the trailing `len(in_shape)` axes of x; no bias (CPM-2 has none).
+
+    `kernel_axes` names every kernel axis (inputs first, then outputs) for partitioning.
+    """
+
+    features: Sequence[int]
+    kernel_axes: Sequence[str]
+    num_input_axes: int = 1
+    init_std: float = 0.001
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = tuple(self.features)
+        in_shape = x.shape[x.ndim - self.num_input_axes:]
+        shape = tuple(in_shape) + features
+        if len(self.kernel_axes) != len(shape):
+            raise ValueError(f"kernel_axes {self.kernel_axes} do not name all {len(shape)} axes of {shape}")
+        kernel = self.param("kernel", nn.with_logical_partitioning(normal_init(self.init_std), tuple(self.kernel_axes)),
+                            shape, dtype_of(self.param_dtype))
+        dtype = dtype_of(self.dtype)
+        contract = tuple(range(x.ndim - self.num_input_axes, x.ndim))
+        return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
+                                   ((contract, tuple(range(self.num_input_axes))), ((), ())))
+
+
+class Embed(nn.Module):
+    """The token embedding [vocab, embed], shared by encoder and decoder inputs."""
+
+    num_embeddings: int
+    features: int
+    init_std: float = 0.001
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def setup(self):
+        self.embedding = self.param("embedding", nn.with_logical_partitioning(normal_init(self.init_std), ("vocab", "embed")),
+                                    (self.num_embeddings, self.features), dtype_of(self.param_dtype))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, tokens, axis=0).astype(dtype_of(self.dtype))

@@ -1,0 +1,246 @@
+"""Encoder, decoder and the encoder-decoder model (mT5 / T5 v1.1 layout, CPM2_FACTS "Dense model").
+
+Every layer is pre-norm: x + Attn(RMSNorm(x)), x + FFN(RMSNorm(x)); each stack ends with a
+final RMSNorm. One token embedding is shared by both stacks; the output projection
+(`logits_dense`) is a separate matrix applied without a d_model**-0.5 rescale.
+
+Extension points kept for the techniques built on this model:
+- prompt tuning: `EncoderDecoder.encode` takes `input_embeddings`/`input_valid`, so a prompt
+  module can insert vectors after the embedding;
+- knowledge inheritance: `__call__` is a pure function of (params, batch), callable for a
+  teacher inside the student's train step;
+- MoE / InfMoE: the feed-forward block is chosen in `_feed_forward` (dense `MlpBlock` or
+  `cpm2_jax.moe.layer.MoeBlock`), and the expert arithmetic is `feedforward.gated_gelu`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cpm2_jax.config import ModelConfig
+from cpm2_jax.errors import ConfigError, closest
+from cpm2_jax.model.attention import (MultiHeadAttention, RelativePositionBias, attention_mask,
+                                      mask_to_bias)
+from cpm2_jax.model.dense import Embed, Projection
+from cpm2_jax.model.feedforward import MlpBlock
+from cpm2_jax.model.norm import RMSNorm
+
+# Rematerialisation policies by name (ModelConfig.remat_policy). "full" recomputes the whole
+# layer in the backward pass; "dots" keeps matmul outputs and recomputes the rest.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+# Collections whose per-layer entries are stacked along the scanned `layers` axis.
+_SCANNED_COLLECTIONS = ("params", "cache", "intermediates", "aux_loss")
+
+
+class _Layer(nn.Module):
+    """Shared pieces of the encoder and decoder layers."""
+
+    config: ModelConfig
+    deterministic: bool = True
+    decode: bool = False
+    scanned: bool = False  # under nn.scan a layer returns (carry, None)
+
+    def _norm(self, name):
+        return RMSNorm(epsilon=self.config.layer_norm_epsilon, dtype=self.config.dtype,
+                       param_dtype=self.config.param_dtype, name=name)
+
+    def _attention(self, name, cross=False):
+        c = self.config
+        return MultiHeadAttention(num_heads=c.num_heads, head_dim=c.head_dim, dropout_rate=c.dropout_rate,
+                                  init_std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype,
+                                  deterministic=self.deterministic, decode=self.decode,
+                                  is_cross_attention=cross, name=name)
+
+    def _dropout(self, x):
+        return nn.Dropout(self.config.dropout_rate)(x, deterministic=self.deterministic)
+
+    def _feed_forward(self, x):
+        """x + FFN(x): dense pre-norm gated GELU, or the MoE block (whose experts hold their norms)."""
+        c = self.config
+        if c.is_moe:
+            from cpm2_jax.moe.layer import MoeBlock  # the MoE package builds on this module
+
+            y = MoeBlock(config=c, deterministic=self.deterministic, name="moe")(x)
+        else:
+            y = self._norm("pre_mlp_layer_norm")(x)
+            y = MlpBlock(d_ff=c.d_ff, dropout_rate=c.dropout_rate, init_std=c.init_std, dtype=c.dtype,
+                         param_dtype=c.param_dtype, deterministic=self.deterministic, name="mlp")(y)
+        return x + self._dropout(y)
+
+    def _out(self, x):
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return (x, None) if self.scanned else x
+
+
+class EncoderLayer(_Layer):
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array):
+        h = self._norm("pre_attention_layer_norm")(x)
+        x = x + self._dropout(self._attention("attention")(h, h, bias))
+        return self._out(self._feed_forward(x))
+
+
+class DecoderLayer(_Layer):
+    @nn.compact
+    def __call__(self, x: jax.Array, encoded: jax.Array, self_bias: jax.Array, cross_bias: jax.Array,
+                 cache_index: Optional[jax.Array] = None):
+        h = self._norm("pre_self_attention_layer_norm")(x)
+        x = x + self._dropout(self._attention("self_attention")(h, h, self_bias, cache_index))
+        h = self._norm("pre_cross_attention_layer_norm")(x)
+        x = x + self._dropout(self._attention("encoder_decoder_attention", cross=True)(h, encoded, cross_bias))
+        return self._out(self._feed_forward(x))
+
+
+def _stack_layers(module: nn.Module, layer_cls, num_layers: int, x, *args, deterministic: bool, decode: bool = False):
+    """Runs `num_layers` layers: a Python loop (`layers_0`, `layers_1`, ...) or one nn.scan
+    (`layers`, parameters stacked on a leading `layers` axis), with the configured remat."""
+    c = module.config
+    if c.remat_policy not in REMAT_POLICIES:
+        raise ConfigError(f"unknown remat_policy {c.remat_policy!r}{closest(c.remat_policy, REMAT_POLICIES)}; "
+                          f"known: {', '.join(REMAT_POLICIES)}")
+    cls = layer_cls
+    if c.remat_policy != "none":
+        cls = nn.remat(cls, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
+    kwargs = dict(config=c, deterministic=deterministic, decode=decode)
+    if c.scan_layers:
+        scan = nn.scan(cls, variable_axes={k: 0 for k in _SCANNED_COLLECTIONS},
+                       split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * len(args),
+                       length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = scan(scanned=True, name="layers", parent=module, **kwargs)(x, *args)
+        return x
+    for i in range(num_layers):
+        x = cls(name=f"layers_{i}", parent=module, **kwargs)(x, *args)
+    return x
+
+
+class Encoder(nn.Module):
+    """Token embedding -> dropout -> N encoder layers -> final RMSNorm -> dropout."""
+
+    config: ModelConfig
+    shared_embedding: nn.Module
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, segment_ids: Optional[jax.Array] = None, *, enable_dropout: bool = False,
+                 input_embeddings: Optional[jax.Array] = None, input_valid: Optional[jax.Array] = None):
+        c = self.config
+        deterministic = not enable_dropout
+        x = self.shared_embedding(tokens) if input_embeddings is None else input_embeddings
+        valid = (tokens > 0) if input_valid is None else input_valid
+        x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+        length = x.shape[1]
+        bias = RelativePositionBias(num_heads=c.num_heads, num_buckets=c.relative_attention_num_buckets,
+                                    max_distance=c.relative_attention_max_distance, bidirectional=True,
+                                    init_std=c.init_std, param_dtype=c.param_dtype, name="relpos_bias")(length, length)
+        bias = bias + mask_to_bias(attention_mask(valid, valid, q_segment=segment_ids, k_segment=segment_ids))
+        x = _stack_layers(self, EncoderLayer, c.num_encoder_layers, x, bias, deterministic=deterministic)
+        x = RMSNorm(epsilon=c.layer_norm_epsilon, dtype=c.dtype, param_dtype=c.param_dtype, name="encoder_norm")(x)
+        return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+    """Embedding -> N decoder layers (causal self-attention, cross-attention, FFN) -> norm -> logits."""
+
+    config: ModelConfig
+    shared_embedding: nn.Module
+
+    @nn.compact
+    def __call__(self, encoded: jax.Array, encoder_valid: jax.Array, decoder_input_tokens: jax.Array,
+                 encoder_segment_ids: Optional[jax.Array] = None, decoder_segment_ids: Optional[jax.Array] = None,
+                 *, enable_dropout: bool = False, decode: bool = False):
+        c = self.config
+        deterministic = not enable_dropout
+        x = self.shared_embedding(decoder_input_tokens)
+        x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+        relpos = RelativePositionBias(num_heads=c.num_heads, num_buckets=c.relative_attention_num_buckets,
+                                      max_distance=c.relative_attention_max_distance, bidirectional=False,
+                                      init_std=c.init_std, param_dtype=c.param_dtype, name="relpos_bias")
+        length = x.shape[1]
+        cache_index = None
+        if decode and self.has_variable("cache", "cache_index"):
+            # One step: the new query sits at position `cache_index` and sees keys 0..cache_index.
+            index_var = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+            cache_index = index_var.value
+            max_length = self.get_max_decode_length()
+            k_pos = jnp.arange(max_length)
+            self_bias = relpos(1, max_length, q_offset=cache_index) + mask_to_bias(
+                (k_pos <= cache_index)[None, None, None, :])
+            index_var.value = cache_index + 1
+        else:
+            if decode:  # cache-shaping pass: remember the decode length
+                self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+                self.variable("cache", "max_length", lambda: jnp.zeros((length,), jnp.bool_))
+            all_valid = jnp.ones(decoder_input_tokens.shape, jnp.bool_)
+            self_bias = relpos(length, length) + mask_to_bias(attention_mask(
+                all_valid, all_valid, causal=True, q_segment=decoder_segment_ids, k_segment=decoder_segment_ids))
+        cross_mask = attention_mask(None, encoder_valid, q_segment=decoder_segment_ids, k_segment=encoder_segment_ids)
+        cross_bias = mask_to_bias(cross_mask)
+        x = _stack_layers(self, DecoderLayer, c.num_decoder_layers, x, encoded, self_bias, cross_bias, cache_index,
+                          deterministic=deterministic, decode=decode)
+        x = RMSNorm(epsilon=c.layer_norm_epsilon, dtype=c.dtype, param_dtype=c.param_dtype, name="decoder_norm")(x)
+        x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+        logits = Projection(features=(c.vocab_size,), kernel_axes=("embed", "vocab"), init_std=c.init_std,
+                            dtype=c.dtype, param_dtype=c.param_dtype, name="logits_dense")(x)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+    def get_max_decode_length(self) -> int:
+        return self.get_variable("cache", "max_length").shape[0]
+
+
+class EncoderDecoder(nn.Module):
+    """CPM-2: `__call__` gives decoder logits [batch, target_length, vocab] (t5x's signature)."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.token_embedder = Embed(num_embeddings=c.vocab_size, features=c.d_model, init_std=c.init_std,
+                                    dtype=c.dtype, param_dtype=c.param_dtype)
+        self.encoder = Encoder(config=c, shared_embedding=self.token_embedder)
+        self.decoder = Decoder(config=c, shared_embedding=self.token_embedder)
+
+    def encode(self, encoder_input_tokens, encoder_segment_ids=None, *, enable_dropout: bool = False,
+               input_embeddings=None, input_valid=None):
+        return self.encoder(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout,
+                            input_embeddings=input_embeddings, input_valid=input_valid)
+
+    def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids=None,
+               decoder_segment_ids=None, *, enable_dropout: bool = False, decode: bool = False,
+               encoder_valid=None):
+        valid = (encoder_input_tokens > 0) if encoder_valid is None else encoder_valid
+        return self.decoder(encoded, valid, decoder_input_tokens, encoder_segment_ids, decoder_segment_ids,
+                            enable_dropout=enable_dropout, decode=decode)
+
+    def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
+                 encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
+                 decoder_positions=None, *, enable_dropout: bool = False, decode: bool = False):
+        # decoder_target_tokens and *_positions are accepted for t5x compatibility: masking
+        # comes from the encoder padding, the causal mask and the packed segment ids, and
+        # relative positions are offsets within the (packed) row, as in t5x's T5.
+        del decoder_target_tokens, encoder_positions, decoder_positions
+        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout)
+        return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
+                           decoder_segment_ids, enable_dropout=enable_dropout, decode=decode)
+
+
+def reorder_cache(cache, batch_indices: jax.Array, *, scanned: bool):
+    """Gathers rows `batch_indices` of every per-example cache array (beam search).
+
+    Per-layer caches are [batch, ...] (or [layers, batch, ...] when scanned); scalars such
+    as `cache_index`, `filled` and the `max_length` marker are shared and left alone.
+    """
+    def gather(path, x):
+        name = getattr(path[-1], "key", None)
+        if name not in ("cached_key", "cached_value"):
+            return x
+        return jnp.take(x, batch_indices, axis=1 if scanned else 0)
+
+    return jax.tree_util.tree_map_with_path(gather, cache)

@@ -1,0 +1,82 @@
+"""Optimisers and learning-rate schedules (optax), CPM-2's recipe by default.
+
+CPM2_FACTS "Pre-training": Adam, weight decay 0.01, gradient clipping 1.0, learning rate 1e-3
+with "noam" decay (linear warm-up, then proportional to 1/sqrt(step)).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cpm2_jax.errors import ConfigError, closest
+
+
+def noam_schedule(peak: float = 1e-3, warmup_steps: int = 1000) -> Callable[[jax.Array], jax.Array]:
+    """lr(t) = peak * min(t / warmup, sqrt(warmup / t)): linear warm-up to `peak` at
+    t = warmup, then proportional to 1/sqrt(t) (continuous at the peak)."""
+    if warmup_steps < 1:
+        raise ConfigError(f"noam_schedule: warmup_steps must be >= 1, got {warmup_steps}")
+
+    def schedule(step):
+        t = jnp.maximum(jnp.asarray(step, jnp.float32), 1.0)
+        return peak * jnp.minimum(t / warmup_steps, jnp.sqrt(warmup_steps / t))
+
+    return schedule
+
+
+def rsqrt_schedule(peak: float = 1e-2, warmup_steps: int = 10000):
+    """t5x's default: peak * 1/sqrt(max(t, warmup)) * sqrt(warmup) (constant during warm-up)."""
+    def schedule(step):
+        t = jnp.maximum(jnp.asarray(step, jnp.float32), warmup_steps)
+        return peak * jnp.sqrt(warmup_steps / t)
+
+    return schedule
+
+
+def make_schedule(name: str = "noam", peak: float = 1e-3, warmup_steps: int = 1000, total_steps: int = 0):
+    """A schedule by name: noam, rsqrt, constant, linear (warm-up then linear decay to 0), cosine."""
+    if name == "noam":
+        return noam_schedule(peak, warmup_steps)
+    if name == "rsqrt":
+        return rsqrt_schedule(peak, warmup_steps)
+    if name == "constant":
+        return optax.constant_schedule(peak)
+    if name in ("linear", "cosine"):
+        if total_steps <= warmup_steps:
+            raise ConfigError(f"{name} schedule needs total_steps > warmup_steps ({total_steps} <= {warmup_steps})")
+        if name == "linear":
+            return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps),
+                                         optax.linear_schedule(peak, 0.0, total_steps - warmup_steps)], [warmup_steps])
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, total_steps)
+    known = ("noam", "rsqrt", "constant", "linear", "cosine")
+    raise ConfigError(f"unknown learning-rate schedule {name!r}{closest(name, known)}; known: {', '.join(known)}")
+
+
+def decay_mask(params):
+    """Weight decay on everything but RMSNorm scales (leaves named `scale`), as the CPM-2 code
+    excludes its LayerNorm parameters; by name, so scanned (stacked) scales are excluded too."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) != "scale", params)
+
+
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+
+
+def make_optimizer(name: str = "adamw", learning_rate=1e-3, *, weight_decay: float = 0.01,
+                   clip_norm: Optional[float] = 1.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   ) -> optax.GradientTransformation:
+    """The optimiser by name, with global-norm gradient clipping in front."""
+    if name == "adamw":
+        tx = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    elif name == "adafactor":
+        tx = optax.adafactor(learning_rate, weight_decay_rate=weight_decay or None, weight_decay_mask=decay_mask)
+    elif name == "sgd":
+        tx = optax.sgd(learning_rate)
+    else:
+        raise ConfigError(f"unknown optimizer {name!r}{closest(name, OPTIMIZERS)}; known: {', '.join(OPTIMIZERS)}")
+    if clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    return tx

@@ -1,0 +1,172 @@
+"""Partition rules: logical axis names -> mesh axes, mesh builders, and sharded initialisation.
+
+Every parameter and key activation carries logical axis names (`embed`, `mlp`, `heads`,
+`kv`, `vocab`, `expert`, ...). One rules table maps them onto mesh axes (`data`, `model`,
+`expert`); changing the parallelism is changing the mesh or the rules, never the model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cpm2_jax.errors import ShardingError
+
+MESH_AXES = ("data", "model", "expert")
+
+# The one rules table (t5x's standard 2-D rules plus the expert axis). Batch is split over
+# `data` and, when the mesh has one, `expert` (every expert-parallel device also holds a
+# slice of the batch). `embed` stays replicated so activations need no all-gather between
+# layers; the wide axes (`mlp`, `heads`, `vocab`) are split over `model`.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "expert")),
+    ("vocab", "model"),
+    ("embed", None),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("length", None),
+    ("layers", None),
+    ("relpos_buckets", None),
+    ("expert", "expert"),
+    ("expert_group", None),
+    ("unmodeled", None),
+)
+
+
+def rules_for_mesh(mesh_axis_names: Iterable[str], rules=LOGICAL_AXIS_RULES):
+    """The rules with mesh axes that this mesh lacks removed (a 1-D data mesh, say)."""
+    names = set(mesh_axis_names)
+    out = []
+    for logical, target in rules:
+        if isinstance(target, (tuple, list)):
+            kept = tuple(t for t in target if t in names)
+            target = kept if len(kept) > 1 else (kept[0] if kept else None)
+        elif target is not None and target not in names:
+            target = None
+        out.append((logical, target))
+    return tuple(out)
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """'data=8,model=8' -> {'data': 8, 'model': 8}; a bad spec names the offending part."""
+    shape: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, eq, size = part.partition("=")
+        if not eq or not size.strip().isdigit() or int(size) < 1:
+            raise ShardingError(f"--mesh: {part!r} is not AXIS=SIZE with a positive integer size")
+        name = name.strip()
+        if name not in MESH_AXES:
+            raise ShardingError(f"--mesh: unknown mesh axis {name!r}; mesh axes are {', '.join(MESH_AXES)}")
+        if name in shape:
+            raise ShardingError(f"--mesh: axis {name!r} given twice")
+        shape[name] = int(size)
+    if not shape:
+        raise ShardingError("--mesh: empty mesh spec; expected e.g. data=8,model=8")
+    return shape
+
+
+def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A named device mesh. On TPU/GPU the device order follows the physical topology
+    (jax.make_mesh); on CPU (tests with fake devices) it is the device list in order."""
+    names = tuple(shape)
+    sizes = tuple(int(shape[n]) for n in names)
+    devices = list(jax.devices()) if devices is None else list(devices)
+    need = math.prod(sizes)
+    if need != len(devices):
+        if need > len(devices):
+            raise ShardingError(f"mesh {dict(shape)} needs {need} devices, only {len(devices)} are available")
+        devices = devices[:need]
+    if devices[0].platform in ("tpu", "gpu", "cuda", "rocm") and len(devices) == len(jax.devices()):
+        return jax.make_mesh(sizes, names)
+    return Mesh(np.asarray(devices, dtype=object).reshape(sizes), names)
+
+
+def cpu_test_mesh(data: int = 2, model: int = 4, expert: int = 0) -> Mesh:
+    """A mesh over fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)."""
+    shape = {"data": data, "model": model}
+    if expert:
+        shape = {"data": data, "expert": expert} if model == 1 else {"data": data, "model": model, "expert": expert}
+    return make_mesh(shape, jax.devices("cpu"))
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def logical_specs(abstract_variables) -> Any:
+    """The logical PartitionSpec of every leaf of a (boxed) variables tree."""
+    return nn.get_partition_spec(abstract_variables)
+
+
+def mesh_specs(logical, rules) -> Any:
+    """Logical specs -> mesh PartitionSpecs under `rules`."""
+    return nn.logical_to_mesh(logical, rules)
+
+
+def check_divisible(shapes, specs, mesh_shape: Mapping[str, int], *, what: str = "parameter") -> None:
+    """Raises ShardingError naming the parameter, its axis and the mesh axis that does not divide it."""
+    def check(path, shape, spec):
+        dims = getattr(shape, "shape", shape)
+        for i, target in enumerate(tuple(spec) if spec is not None else ()):
+            if target is None:
+                continue
+            targets = target if isinstance(target, tuple) else (target,)
+            ways = math.prod(mesh_shape.get(t, 1) for t in targets)
+            if dims[i] % ways:
+                raise ShardingError(
+                    f"{what} {_path_str(path)} has shape {tuple(dims)}: its axis {i} (size {dims[i]}) cannot be "
+                    f"split over mesh axis {'x'.join(targets)} of size {ways}; change --mesh or the model size")
+
+    jax.tree_util.tree_map_with_path(check, shapes, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def shardings_for(abstract_variables, mesh: Mesh, rules=None):
+    """NamedShardings for every leaf of a boxed abstract variables tree, divisibility checked."""
+    rules = rules_for_mesh(mesh.axis_names) if rules is None else rules
+    specs = mesh_specs(logical_specs(abstract_variables), rules)
+    check_divisible(nn.unbox(abstract_variables), specs, dict(mesh.shape))
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
+                                  is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def init_sharded(module: nn.Module, rng: jax.Array, *init_args, mesh: Mesh, rules=None, **init_kwargs):
+    """Initialises `module` with every parameter created directly in its final sharding
+    (no full copy on one device first). Returns (unboxed variables, their shardings)."""
+    rules = rules_for_mesh(mesh.axis_names) if rules is None else rules
+    def init_fn(key):
+        return module.init(key, *init_args, **init_kwargs)
+
+    with jax.sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(init_fn, rng)
+        shardings = shardings_for(abstract, mesh, rules)
+        variables = jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=shardings)(rng)
+    return variables, shardings
+
+
+def optimizer_state_specs(state_shapes, param_shapes, param_specs):
+    """Mesh specs for an optax state tree: moments shaped like a parameter take its spec;
+    Adafactor's factored rows/columns drop the factored axis; everything else is replicated."""
+    by_path = {}
+    jax.tree_util.tree_map_with_path(lambda p, s, sp: by_path.__setitem__(_path_str(p), (s.shape, sp)),
+                                     param_shapes, param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+    def spec_for(path, leaf):
+        text = _path_str(path)
+        for ppath, (pshape, pspec) in by_path.items():
+            if not (text.endswith("/" + ppath) or text == ppath or ("/" + ppath + "/") in text):
+                continue
+            pspec = tuple(pspec) + (None,) * (len(pshape) - len(tuple(pspec)))
+            if tuple(leaf.shape) == tuple(pshape):
+                return PartitionSpec(*pspec)
+            if len(pshape) >= 2 and tuple(leaf.shape) == tuple(pshape[:-1]):
+                return PartitionSpec(*pspec[:-1])
+            if len(pshape) >= 2 and tuple(leaf.shape) == tuple(pshape[:-2]) + tuple(pshape[-1:]):
+                return PartitionSpec(*(pspec[:-2] + pspec[-1:]))
+        return PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(spec_for, state_shapes)

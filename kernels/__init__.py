@@ -1,0 +1,1 @@
+"""Pallas kernels (installed as cpm2_jax.kernels)."""
