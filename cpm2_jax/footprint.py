@@ -46,6 +46,8 @@ def _group(path: str) -> str:
     stack = parts[0]
     if "relpos_bias" in parts:
         return f"{stack}/relpos_bias"
+    if "experts" in parts:  # MoE experts, their per-expert norms included
+        return f"{stack}/experts"
     if any(p.endswith("norm") for p in parts):
         return f"{stack}/norms"
     for kind in ("self_attention", "encoder_decoder_attention", "attention", "mlp", "moe"):

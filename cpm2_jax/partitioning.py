@@ -33,6 +33,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("relpos_buckets", None),
     ("expert", "expert"),
+    # MoE expert buffers [group, expert, slot, embed]: while experts are split over `expert`,
+    # the groups stay split over `data` only (the all-to-all moves the `expert` share).
+    ("expert_replicas", "data"),
     ("expert_group", None),
     ("unmodeled", None),
 )
@@ -134,6 +137,12 @@ def shardings_for(abstract_variables, mesh: Mesh, rules=None):
                                   is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def mesh_context(mesh: Mesh):
+    """The context under which logical sharding constraints resolve against `mesh`
+    (flax applies `nn.with_logical_constraint` only when a global mesh is set)."""
+    return jax.set_mesh(mesh)
+
+
 def init_sharded(module: nn.Module, rng: jax.Array, *init_args, mesh: Mesh, rules=None, **init_kwargs):
     """Initialises `module` with every parameter created directly in its final sharding
     (no full copy on one device first). Returns (unboxed variables, their shardings)."""
@@ -141,9 +150,9 @@ def init_sharded(module: nn.Module, rng: jax.Array, *init_args, mesh: Mesh, rule
     def init_fn(key):
         return module.init(key, *init_args, **init_kwargs)
 
-    with jax.sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(init_fn, rng)
-        shardings = shardings_for(abstract, mesh, rules)
+    abstract = jax.eval_shape(init_fn, rng)  # shapes only: outside the mesh context
+    shardings = shardings_for(abstract, mesh, rules)
+    with mesh_context(mesh), nn.logical_axis_rules(rules):
         variables = jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=shardings)(rng)
     return variables, shardings
 

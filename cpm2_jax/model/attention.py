@@ -77,19 +77,21 @@ def mask_to_bias(mask: jax.Array) -> jax.Array:
     return jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)
 
 
-def attention_mask(q_valid: jax.Array, k_valid: jax.Array, *, causal: bool = False,
+def attention_mask(q_valid: Optional[jax.Array], k_valid: jax.Array, *, causal: bool = False,
                    q_segment: Optional[jax.Array] = None, k_segment: Optional[jax.Array] = None) -> jax.Array:
-    """[batch, 1, q, k] boolean mask: key is valid, same packed segment, and (causal) not ahead.
+    """[batch, 1, q|1, k] boolean mask: key is valid, same packed segment, and (causal) not ahead.
 
-    Queries at padded positions keep their valid keys (as transformers does), so their
-    outputs are finite and simply ignored by the loss.
+    Padding is masked on the key side only: queries at padded positions keep their valid
+    keys (as transformers does), so their outputs are finite and simply ignored by the loss.
+    `q_valid` only supplies the query length (needed when causal).
     """
-    del q_valid  # padding is masked on the key side only
     mask = k_valid[:, None, None, :]
     if q_segment is not None and k_segment is not None:
         mask = mask & (q_segment[:, None, :, None] == k_segment[:, None, None, :])
     if causal:
-        q_len, k_len = mask.shape[-2], k_valid.shape[-1]
+        if q_valid is None:
+            raise ValueError("a causal mask needs q_valid for the query length")
+        q_len, k_len = q_valid.shape[-1], k_valid.shape[-1]
         mask = mask & (jnp.arange(q_len)[:, None] >= jnp.arange(k_len)[None, :])[None, None]
     return mask
 
