@@ -1,0 +1,86 @@
+"""Input-pipeline throughput: span-corruption batches (inputs 512 / targets 256, batch 32).
+
+Runs the registered bilingual pre-training mixture (2:1 zh:en, packed, as the trainer gets
+it from `cpm2_jax.tasks.pipeline.get_batch_iterator`) over the data directory
+(`$CPM2_DATA_DIR`, default ../shared/data) and the configured vocabulary (`$CPM2_VOCAB`,
+default: the automatic one, trained once and cached). Warm-up batches (shuffle buffer
+fill, first tokenisation) are excluded. Prints one JSON object as the last line and
+writes it to benchmarks/results/input_pipeline.json.
+
+    .venv/bin/python benchmarks/input_pipeline.py [--batches 20] [--warmup 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+RESULT = pathlib.Path(__file__).resolve().parent / "results" / "input_pipeline.json"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="cpm2_pretrain_bilingual")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import jax
+    import numpy as np
+
+    from cpm2_jax.tasks import pipeline, settings
+
+    lengths = {"inputs": 512, "targets": 256}
+    vocab_path = settings.vocabulary_path()
+    iterator = pipeline.get_batch_iterator(args.task, feature_lengths=lengths, batch_size=args.batch_size,
+                                           seed=args.seed)
+    started = time.perf_counter()
+    for _ in range(args.warmup):
+        next(iterator)
+    warmup_s = time.perf_counter() - started
+    started = time.perf_counter()
+    real_tokens = 0
+    for _ in range(args.batches):
+        batch = next(iterator)
+        real_tokens += int(np.count_nonzero(batch["encoder_input_tokens"]))
+    elapsed = time.perf_counter() - started
+    examples_per_s = args.batches * args.batch_size / elapsed
+    result = {
+        "examples_per_s": round(examples_per_s, 2),
+        "train_examples_per_s": None,
+        "headroom": None,
+        "note": ("train_examples_per_s and headroom (examples_per_s / train_examples_per_s) stay null "
+                 "until the training issue provides the `small` config's training step"),
+        "task": args.task,
+        "batch_size": args.batch_size,
+        "feature_lengths": lengths,
+        "packed": True,
+        "batches_timed": args.batches,
+        "warmup_batches": args.warmup,
+        "warmup_s": round(warmup_s, 2),
+        "encoder_tokens_per_s": round(real_tokens / elapsed, 1),
+        "vocabulary": str(vocab_path),
+        "vocab_size": settings.default_vocabulary().vocab_size,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+        },
+    }
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
