@@ -1,0 +1,159 @@
+"""Forward-pass throughput: this project (jitted JAX) vs transformers MT5 (PyTorch), same weights.
+
+For each config a random MT5ForConditionalGeneration is built, converted with
+`cpm2_jax.convert`, and both run the same batch (float32, no padding). Tokens/s counts
+encoder + decoder tokens per forward pass; each side is warmed up, then the two are timed
+in turn for `--reps` rounds (so both see the same background load) and the medians taken.
+torch runs under `torch.inference_mode()` with `torch.set_num_threads(--threads)`; the
+process is pinned to that many cores so XLA's CPU thread pool gets the same number. Prints one JSON object as the last line and writes it to
+benchmarks/results/forward.json.
+
+    python benchmarks/forward.py [--configs tiny,small] [--batch 4] [--enc_len 256] [--dec_len 64]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "forward.json"
+
+
+def _pin_threads(threads: int) -> int:
+    """Restricts the process to `threads` cores (before jax/torch start their pools)."""
+    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+    threads = min(threads or len(available), len(available))
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, available[:threads])
+    return threads
+
+
+def _timed_interleaved(fns: dict, warmup: int, reps: int) -> tuple[dict, dict]:
+    """Warms each function up, then times them in turn, `reps` rounds, so that both sides
+    see the same background load. Returns (first-call seconds, list of timed seconds) by name."""
+    first, times = {}, {name: [] for name in fns}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - start
+        for _ in range(warmup - 1):
+            fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return first, times
+
+
+def bench_config(name: str, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from transformers import MT5Config, MT5ForConditionalGeneration
+
+    from cpm2_jax.config import get_config
+    from cpm2_jax.convert import config_to_hf, params_from_hf_state_dict
+    from cpm2_jax.model.transformer import EncoderDecoder
+
+    config = get_config(name)
+    torch.manual_seed(0)
+    hf_model = MT5ForConditionalGeneration(MT5Config(**config_to_hf(config)))
+    hf_model.lm_head.weight = torch.nn.Parameter(torch.randn(config.vocab_size, config.d_model) * 0.05)
+    hf_model.config.tie_word_embeddings = False
+    hf_model.eval()
+    params = jax.device_put(params_from_hf_state_dict(hf_model.state_dict(), config))
+
+    rng = np.random.default_rng(0)
+    enc = rng.integers(2, config.vocab_size, (args.batch, args.enc_len)).astype(np.int32)
+    dec = rng.integers(2, config.vocab_size, (args.batch, args.dec_len)).astype(np.int32)
+    tokens = args.batch * (args.enc_len + args.dec_len)
+
+    model = EncoderDecoder(config)
+    forward = jax.jit(lambda p, e, d: model.apply({"params": p}, e, d))
+    enc_j, dec_j = jnp.asarray(enc), jnp.asarray(dec)
+    jax_out = {}
+
+    def run_jax():
+        jax_out["logits"] = forward(params, enc_j, dec_j).block_until_ready()
+
+    enc_t, dec_t = torch.tensor(enc, dtype=torch.long), torch.tensor(dec, dtype=torch.long)
+    mask_t = torch.ones_like(enc_t)
+    torch_out = {}
+
+    def run_torch():
+        with torch.inference_mode():
+            torch_out["logits"] = hf_model(input_ids=enc_t, attention_mask=mask_t, decoder_input_ids=dec_t).logits
+
+    first, times = _timed_interleaved({"jax": run_jax, "torch": run_torch}, args.warmup, args.reps)
+    jax_first, torch_first, jax_times, torch_times = first["jax"], first["torch"], times["jax"], times["torch"]
+    diff = float(np.abs(np.asarray(jax_out["logits"]) - torch_out["logits"].numpy()).max())
+    jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+    return {
+        "config": name,
+        "parameters": int(sum(p.numel() for p in hf_model.parameters())),
+        "batch": args.batch, "encoder_length": args.enc_len, "decoder_length": args.dec_len,
+        "tokens_per_forward": tokens,
+        "jax_tokens_per_s": round(tokens / jax_s, 1),
+        "torch_tokens_per_s": round(tokens / torch_s, 1),
+        "speedup_vs_torch": round(torch_s / jax_s, 3),
+        "jax_median_s": round(jax_s, 5), "torch_median_s": round(torch_s, 5),
+        "jax_times_s": [round(t, 5) for t in jax_times], "torch_times_s": [round(t, 5) for t in torch_times],
+        "jax_first_call_s": round(jax_first, 3), "torch_first_call_s": round(torch_first, 3),
+        "max_abs_logit_diff": diff,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="tiny,small", help="comma-separated named sizes")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--enc_len", type=int, default=256)
+    parser.add_argument("--dec_len", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls (the first compiles)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="cores for both frameworks (0 = all available)")
+    parser.add_argument("--output", default=str(RESULTS))
+    args = parser.parse_args(argv)
+
+    threads = _pin_threads(args.threads)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import jax
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    results = [bench_config(name.strip(), args) for name in args.configs.split(",") if name.strip()]
+    report = {
+        "benchmark": "forward",
+        "dtype": "float32",
+        "tokens": "encoder + decoder tokens per forward pass",
+        "threads": {"count": threads, "torch": torch.get_num_threads(),
+                    "jax": "XLA CPU pool, process pinned to the same cores"},
+        "results": results,
+        "speedup_vs_torch": {r["config"]: r["speedup_vs_torch"] for r in results},
+        "machine": {
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "unix_time": int(time.time()),
+    }
+    line = json.dumps(report)
+    output = pathlib.Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""A random transformers MT5 model for the conversion tests (torch on the CPU).
+
+Weights are random and well spread so a wrong mapping cannot hide: every norm scale,
+embedding row and relative-position bias is N(0, 0.5); every matrix is N(0, 1/fan_in), which
+keeps attention neither uniform nor one-hot. (N(0, 0.5) on the matrices too makes the model so
+ill-conditioned that float32 transformers itself is 1e-2 away from its own float64 result.)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from cpm2_jax.config import ModelConfig, get_config
+from cpm2_jax.convert import config_to_hf
+
+# 4 heads x 8 = 32 != d_model 64 and 2 encoder vs 3 decoder layers, so no two sizes coincide.
+TEST_CONFIG = get_config("tiny", head_dim=8, num_decoder_layers=3)
+
+
+def random_mt5(config: ModelConfig = TEST_CONFIG, seed: int = 0):
+    """An eval-mode MT5ForConditionalGeneration with an untied output head and random weights."""
+    import torch
+    from transformers import MT5Config, MT5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = MT5ForConditionalGeneration(MT5Config(**config_to_hf(config)))
+    # transformers 5.x forces MT5Config.tie_word_embeddings=True; CPM-2's head is untied.
+    model.lm_head.weight = torch.nn.Parameter(torch.empty(config.vocab_size, config.d_model))
+    model.config.tie_word_embeddings = False
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and name != "shared.weight" and "relative_attention_bias" not in name:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+            else:
+                p.normal_(0.0, 0.5)
+    assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
+    assert model.encoder.embed_tokens.weight.data_ptr() == model.shared.weight.data_ptr()
+    return model.eval()
+
+
+def numpy_state_dict(model) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
