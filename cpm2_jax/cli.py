@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from cpm2_jax.errors import CPM2Error
@@ -18,6 +17,7 @@ from cpm2_jax.errors import CPM2Error
 _SUBCOMMAND_MODULES = [
     "cpm2_jax.commands.params",
     "cpm2_jax.commands.convert",
+    "cpm2_jax.tasks.commands",
 ]
 
 
@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from cpm2_jax.tf_import import quiet_tensorflow_import
+
+    quiet_tensorflow_import()
     from cpm2_jax.gin_utils import split_gin_dot_flags
 
     parser = build_parser()
