@@ -41,6 +41,14 @@ class ModelConfig:
     moe_backend: str = "auto"
     moe_capacity_factor: float = 1.0
     moe_top_k: int = 1
+    # (MoE issue) tokens per routing group, 0 = one group per sequence; weights of the sown aux
+    # losses (top_k: load balancing; top_k/experts_choose: router z-loss); Switch's multiplicative
+    # router jitter; the balanced router's inference fallback to plain argmax (CPM2_FACTS).
+    moe_group_size: int = 0
+    moe_aux_loss_weight: float = 0.01
+    moe_z_loss_weight: float = 1e-3
+    moe_jitter: float = 0.0
+    moe_eval_argmax: bool = True
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "d_ff", "num_heads", "head_dim",
@@ -51,6 +59,16 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.param_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"ModelConfig.param_dtype must be float32 or bfloat16, got {self.param_dtype!r}")
+        if self.num_experts < 0:
+            raise ConfigError(f"ModelConfig.num_experts must be >= 0 (0 = dense), got {self.num_experts}")
+        if self.is_moe:
+            if self.moe_capacity_factor <= 0:
+                raise ConfigError(f"ModelConfig.moe_capacity_factor must be > 0, got {self.moe_capacity_factor}")
+            if not 1 <= self.moe_top_k <= self.num_experts:
+                raise ConfigError(f"ModelConfig.moe_top_k must be between 1 and num_experts ({self.num_experts}), "
+                                  f"got {self.moe_top_k}")
+            if self.moe_group_size < 0 or not 0 <= self.moe_jitter < 1:
+                raise ConfigError("ModelConfig.moe_group_size must be >= 0 and moe_jitter in [0, 1)")
 
     def replace(self, **changes) -> "ModelConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -80,8 +98,17 @@ SIZES: dict[str, ModelConfig] = {
 }
 
 
+# Modules that register further sizes with `register_size`, imported on first look-up.
+_SIZE_MODULES = ("cpm2_jax.moe.configs",)
+
+
 def get_config(name: str, **overrides) -> ModelConfig:
     """The named size, with field overrides; an unknown name suggests the closest one."""
+    if name not in SIZES:
+        import importlib
+
+        for module in _SIZE_MODULES:
+            importlib.import_module(module)
     if name not in SIZES:
         raise ConfigError(f"unknown model size {name!r}{closest(name, SIZES)}; "
                           f"known sizes: {', '.join(sorted(SIZES))}")

@@ -1,0 +1,139 @@
+"""Forward + backward time of one whole MoE layer per grouped-matmul backend, vs a dense FFN.
+
+    python benchmarks/moe_dispatch.py [--tokens 8192] [--repeats 3] [--backends ...]
+
+The MoE layer is `cpm2_jax.moe.layer.MoeBlock` (router, dispatch, gated-GELU experts with
+their norms, combine) with d_model 512, d_ff 1024, 32 experts, top-1 (Switch, capacity factor
+1) and balanced (BASE / CPM-2) routing; the dense baseline is the pre-norm gated-GELU block
+with the same d_ff (the same active FLOPs per token). Prints one JSON object last and writes
+benchmarks/results/moe_dispatch.json:
+  speedup_vs_einsum = t(einsum) / t(default backend)      target >= 3
+  overhead_vs_dense = t(default backend) / t(dense FFN)   target <= 1.3
+(top level: the worse of the two routings; per routing under "routings").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cpm2_jax.config import ModelConfig
+from cpm2_jax.model.feedforward import MlpBlock
+from cpm2_jax.model.norm import RMSNorm
+from cpm2_jax.moe.grouped_matmul import select_backend
+from cpm2_jax.moe.layer import MoeBlock
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "moe_dispatch.json"
+ROUTINGS = {"top_1": dict(moe_router="top_k", moe_top_k=1, moe_capacity_factor=1.0),
+            "balanced": dict(moe_router="balanced")}
+
+
+class DenseFFN(nn.Module):
+    """The dense pre-norm gated-GELU block of the same active size."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        return MlpBlock(d_ff=c.d_ff, init_std=c.init_std, name="mlp")(RMSNorm(name="norm")(x))
+
+
+def time_fwd_bwd(module, x, repeats: int) -> dict:
+    """Median seconds of jit(value_and_grad) w.r.t. params and input, after one compile run."""
+    params = nn.unbox(module.init(jax.random.PRNGKey(1), x))["params"]
+
+    def loss(p, x):
+        return jnp.mean(jnp.square(module.apply({"params": p}, x, rngs={"dropout": jax.random.PRNGKey(2)})))
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    start = time.perf_counter()
+    jax.block_until_ready(step(params, x))
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(step(params, x))
+        times.append(time.perf_counter() - start)
+    return {"median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
+            "first_call_s": round(compile_s, 3)}
+
+
+def machine() -> dict:
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device_kind": dev.device_kind, "devices": jax.device_count(),
+            "cpu_count": os.cpu_count(), "load_average": [round(v, 2) for v in os.getloadavg()],
+            "python": platform.python_version(), "jax": jax.__version__, "machine": platform.machine()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--d_model", type=int, default=512)
+    parser.add_argument("--d_ff", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--group_size", type=int, default=0, help="tokens per routing group (0: all tokens)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backends", nargs="+", default=["ragged_dot", "padded", "einsum"])
+    parser.add_argument("--routings", nargs="+", default=list(ROUTINGS), choices=list(ROUTINGS))
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+
+    group = args.group_size or args.tokens
+    base = ModelConfig(vocab_size=8, d_model=args.d_model, d_ff=args.d_ff, num_heads=1, head_dim=8,
+                       num_encoder_layers=1, num_decoder_layers=1, init_std=0.02,
+                       num_experts=args.experts, moe_group_size=group)
+    x = jax.random.normal(jax.random.PRNGKey(0), (args.tokens // 512 or 1, min(args.tokens, 512), args.d_model))
+    routed = args.tokens
+    default = select_backend("auto", routed_rows=routed, padded_rows=routed)
+    dense = time_fwd_bwd(DenseFFN(base.replace(num_experts=0)), x, args.repeats)
+    print(f"dense FFN: {dense}", file=sys.stderr)
+    routings = {}
+    for name in args.routings:
+        config = base.replace(**ROUTINGS[name])
+        times = {}
+        for backend in args.backends:
+            times[backend] = time_fwd_bwd(MoeBlock(config=config.replace(moe_backend=backend), deterministic=False),
+                                          x, args.repeats)
+            print(f"{name} {backend}: {times[backend]}", file=sys.stderr)
+        entry = {"backends": times}
+        if default in times:
+            t = times[default]["median_s"]
+            if "einsum" in times:
+                entry["speedup_vs_einsum"] = round(times["einsum"]["median_s"] / t, 2)
+            entry["overhead_vs_dense"] = round(t / dense["median_s"], 2)
+        routings[name] = entry
+    result = {
+        "benchmark": "moe_dispatch",
+        "shape": {"tokens": args.tokens, "d_model": args.d_model, "d_ff": args.d_ff, "experts": args.experts,
+                  "group_size": group},
+        "default_backend": default,
+        "dense_ffn": dense,
+        "routings": routings,
+        "machine": machine(),
+        "targets": {"speedup_vs_einsum": ">= 3", "overhead_vs_dense": "<= 1.3"},
+    }
+    speedups = [r["speedup_vs_einsum"] for r in routings.values() if "speedup_vs_einsum" in r]
+    overheads = [r["overhead_vs_dense"] for r in routings.values() if "overhead_vs_dense" in r]
+    if speedups:
+        result["speedup_vs_einsum"] = min(speedups)
+    if overheads:
+        result["overhead_vs_dense"] = max(overheads)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

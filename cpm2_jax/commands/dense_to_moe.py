@@ -1,0 +1,46 @@
+"""`cpm2 convert dense-to-moe`: upcycle a dense checkpoint into an MoE one (cpm2_jax.moe.upcycle).
+
+    cpm2 convert dense-to-moe DENSE_DIR OUT_DIR --num_experts 32 [--router balanced] [--seed 0]
+
+Both directories are in the convert format (`model_config.json` + orbax `params/`).
+"""
+from __future__ import annotations
+
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("dense-to-moe", help="dense cpm2_jax checkpoint -> MoE checkpoint (upcycling)",
+                              description="Every expert of every MoE layer becomes a copy of the dense "
+                                          "feed-forward block (its RMSNorm included); the router starts fresh.")
+    p.add_argument("dense_dir", help="dense checkpoint (model_config.json + params/)")
+    p.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--num_experts", type=int, required=True, help="experts per MoE layer (CPM-2-MoE: 32)")
+    p.add_argument("--router", default="balanced", help="balanced (CPM-2), top_k or experts_choose")
+    p.add_argument("--top_k", type=int, default=1, help="experts per token for --router top_k")
+    p.add_argument("--capacity_factor", type=float, default=1.0, help="capacity factor (top_k, experts_choose)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fresh router parameters")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from cpm2_jax.convert.atomic import check_writable
+    from cpm2_jax.convert.native import load_params, save_params
+    from cpm2_jax.errors import ConfigError
+    from cpm2_jax.moe.routing import ROUTERS
+    from cpm2_jax.moe.upcycle import upcycle_params
+
+    if args.num_experts <= 0:
+        raise ConfigError(f"--num_experts must be positive, got {args.num_experts}")
+    if args.router not in ROUTERS:
+        raise ConfigError(f"--router must be one of {', '.join(ROUTERS)}, got {args.router!r}")
+    check_writable(args.out_dir, args.overwrite)
+    dense, dense_config = load_params(args.dense_dir)
+    moe_config = dense_config.replace(num_experts=args.num_experts, moe_router=args.router, moe_top_k=args.top_k,
+                                      moe_capacity_factor=args.capacity_factor)
+    params = upcycle_params(dense, dense_config, moe_config, args.seed)
+    save_params(params, moe_config, args.out_dir, overwrite=args.overwrite)
+    print(json.dumps({"conversion": "dense-to-moe", "source": str(args.dense_dir), "output": str(args.out_dir),
+                      "num_experts": args.num_experts, "router": args.router}))
+    return 0

@@ -1,0 +1,104 @@
+"""Moving tokens to their experts and back: the three ways, one per grouped-matmul layout.
+
+- sort (ragged backends): all kept assignments of all groups sorted by expert -> rows [M, d]
+  and group sizes [E]; back by the inverse permutation;
+- slots (`padded`): assignment a goes to slot expert*C + position of its group's buffer
+  [G, E, C, d] by a gather (empty slots read a zero row);
+- one-hot (`einsum`, GShard / flaxformer): dispatch tensor D [G, S, E*C] in {0, 1},
+  rows = D^T x, out = (D * weight)^T y: simple and shardable, O(S E C d) work.
+Combining: y_token = sum_a weight_a y_a over the token's assignments.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from cpm2_jax.moe.grouped_matmul import RAGGED_BACKENDS
+from cpm2_jax.moe.routing import Routing
+
+
+@flax.struct.dataclass
+class ExpertRows:
+    """Token rows in expert layout: ragged [M, d] (+ group_sizes, row_expert, inverse order)
+    or batched [G, E, C, d]."""
+
+    rows: jax.Array
+    group_sizes: Optional[jax.Array] = None  # ragged: [E]
+    row_expert: Optional[jax.Array] = None  # ragged: [M] expert of each row (E for dropped rows)
+    inverse: Optional[jax.Array] = None  # ragged: [G*A] row of each assignment
+
+
+def _slots(routing: Routing) -> jax.Array:
+    """Slot of every assignment in the [E*C] buffer of its group; E*C (out of range) if dropped."""
+    ec = routing.num_experts * routing.capacity
+    return jnp.where(routing.kept, routing.expert * routing.capacity + routing.position, ec)
+
+
+def _sum_over_tokens(y_assign: jax.Array, routing: Routing) -> jax.Array:
+    """[G, A, d] weighted assignment outputs -> [G, S, d] per-token sums."""
+    g, a, d = y_assign.shape
+    s = routing.group_size
+    if routing.token_major:
+        return jnp.sum(y_assign.reshape(g, a // s, s, d), axis=1)
+    return jax.vmap(lambda y, t: jax.ops.segment_sum(y, t, num_segments=s))(y_assign, routing.token)
+
+
+def _one_hot_dispatch(routing: Routing, dtype) -> tuple[jax.Array, jax.Array]:
+    """(D, D * weight), both [G, S, E*C]."""
+    g, a = routing.token.shape
+    s, ec = routing.group_size, routing.num_experts * routing.capacity
+    if routing.token_major:
+        k = a // s
+        hot = jax.nn.one_hot(_slots(routing).reshape(g, k, s), ec, dtype=dtype)  # dropped -> all-zero row
+        weight = routing.weight.reshape(g, k, s, 1).astype(dtype)
+        return jnp.sum(hot, axis=1), jnp.sum(hot * weight, axis=1)
+    # Experts-choose: assignment a is slot a; its token is routing.token[a].
+    hot = jnp.swapaxes(jax.nn.one_hot(routing.token, s, dtype=dtype) * routing.kept[..., None], 1, 2)
+    return hot, hot * routing.weight[:, None, :].astype(dtype)
+
+
+def to_experts(x: jax.Array, routing: Routing, backend: str) -> ExpertRows:
+    """x [G, S, d] -> the rows every expert processes, in `backend`'s layout."""
+    g, s, d = x.shape
+    e, c = routing.num_experts, routing.capacity
+    if backend in RAGGED_BACKENDS:
+        key = jnp.where(routing.kept, routing.expert, e).reshape(-1)
+        order = jnp.argsort(key, stable=True)
+        flat_token = (routing.token + s * jnp.arange(g, dtype=jnp.int32)[:, None]).reshape(-1)
+        rows = jnp.take(x.reshape(g * s, d), flat_token[order], axis=0)
+        group_sizes = jnp.zeros((e + 1,), jnp.int32).at[key].add(1)[:e]
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        return ExpertRows(rows=rows, group_sizes=group_sizes, row_expert=key[order], inverse=inverse)
+    if backend == "padded":
+        slot_token = jnp.full((g, e * c), s, jnp.int32)
+        slot_token = jax.vmap(lambda st, sl, t: st.at[sl].set(t, mode="drop"))(slot_token, _slots(routing),
+                                                                              routing.token)
+        padded = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)  # row S: an empty slot
+        rows = jnp.take_along_axis(padded, slot_token[..., None], axis=1)
+        return ExpertRows(rows=rows.reshape(g, e, c, d))
+    if backend == "einsum":
+        dispatch, _ = _one_hot_dispatch(routing, x.dtype)
+        return ExpertRows(rows=jnp.einsum("gsf,gsd->gfd", dispatch, x).reshape(g, e, c, d))
+    raise ValueError(f"no dispatch for backend {backend!r}")
+
+
+def from_experts(y: ExpertRows, routing: Routing, backend: str) -> jax.Array:
+    """Expert outputs (same layout as `to_experts`) -> [G, S, d]: y_s = sum_a weight_a y_a."""
+    g, a = routing.token.shape
+    if backend in RAGGED_BACKENDS:
+        d = y.rows.shape[-1]
+        y_assign = jnp.take(y.rows, y.inverse, axis=0).reshape(g, a, d)
+        return _sum_over_tokens(y_assign * routing.weight[..., None].astype(y_assign.dtype), routing)
+    e, c, d = y.rows.shape[-3:]
+    flat = y.rows.reshape(g, e * c, d)
+    if backend == "padded":
+        padded = jnp.concatenate([flat, jnp.zeros((g, 1, d), flat.dtype)], axis=1)  # dropped -> zero row
+        y_assign = jnp.take_along_axis(padded, _slots(routing)[..., None], axis=1)
+        return _sum_over_tokens(y_assign * routing.weight[..., None].astype(y_assign.dtype), routing)
+    if backend == "einsum":
+        _, combine = _one_hot_dispatch(routing, flat.dtype)
+        return jnp.einsum("gsf,gfd->gsd", combine, flat)
+    raise ValueError(f"no combine for backend {backend!r}")

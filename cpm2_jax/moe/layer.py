@@ -1,0 +1,130 @@
+"""The MoE feed-forward block of CPM-2-MoE: y = sum_a w_a Expert_{e_a}(x), each expert the dense
+pre-norm gated-GELU block with its own RMSNorm (CPM2_FACTS "Mixture of experts").
+
+    n = x / rms(x)                       (token-wise part of every expert's RMSNorm)
+    routing = Router(n)                  (moe.routing; float32)
+    rows = dispatch(n)                   (moe.dispatch; layout of the backend)
+    h = gelu((rows*s_e) W0_e) * ((rows*s_e) W1_e);  out_e = h Wo_e   (moe.grouped_matmul)
+    y = combine(out)                     (weighted sum over each token's experts)
+
+The caller adds the residual: x + dropout(y). Parameters carry the `expert` logical axis, so
+with an `expert` mesh axis the batched buffers [G, E, C, d] move from batch-sharded to
+expert-sharded through sharding constraints (XLA's all-to-all), never hand-written exchange.
+Aux losses (weighted) are sown into `aux_loss`; diagnostics into `intermediates`.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cpm2_jax.config import ModelConfig, dtype_of
+from cpm2_jax.errors import ConfigError
+from cpm2_jax.model.feedforward import gelu
+from cpm2_jax.moe.dispatch import ExpertRows, from_experts, to_experts
+from cpm2_jax.moe.grouped_matmul import RAGGED_BACKENDS, check_backend, grouped_matmul, select_backend
+from cpm2_jax.moe.routing import Router, Routing
+
+# Logical axes of the batched expert buffers: before the exchange (split like the batch) and
+# during expert computation (experts split over `expert`, groups over the remaining data axis).
+_BATCH_SIDE = ("batch", None, None, "embed")
+_EXPERT_SIDE = ("expert_replicas", "expert", None, "embed")
+
+
+def routing_groups(batch: int, length: int, group_size: int) -> tuple[int, int]:
+    """(G, S): `group_size` tokens per routing group when it divides batch*length, else one
+    group per sequence (e.g. single-token decoding steps)."""
+    tokens = batch * length
+    if group_size > 0 and tokens % group_size == 0:
+        return tokens // group_size, group_size
+    return batch, length
+
+
+def expert_ffn(rows: ExpertRows, norm_scale, wi_0, wi_1, wo, *, backend: str, dtype, dropout=None) -> ExpertRows:
+    """Every row through its expert: scale by s_e (the rest of the expert's RMSNorm), then the
+    gated GELU of feedforward.gated_gelu with grouped matmuls."""
+    if backend in RAGGED_BACKENDS:
+        scale = jnp.take(norm_scale.astype(jnp.float32), jnp.minimum(rows.row_expert, norm_scale.shape[0] - 1), axis=0)
+        sizes = rows.group_sizes
+    else:
+        scale = norm_scale.astype(jnp.float32)[:, None, :]  # [E, 1, d] over [G, E, C, d]
+        sizes = None
+    h_in = (rows.rows.astype(jnp.float32) * scale).astype(dtype)
+    h = gelu(grouped_matmul(h_in, wi_0, sizes, backend=backend, dtype=dtype)) * \
+        grouped_matmul(h_in, wi_1, sizes, backend=backend, dtype=dtype)
+    if dropout is not None:
+        h = dropout(h)
+    return rows.replace(rows=grouped_matmul(h, wo, sizes, backend=backend, dtype=dtype))
+
+
+class Experts(nn.Module):
+    """The expert parameters: per-expert RMSNorm scale [E, d] and gated-GELU weights [E, ...]
+    (the dense block's `pre_mlp_layer_norm/scale` and `mlp/{wi_0,wi_1,wo}`, one per expert)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, d_model: int) -> dict:
+        c = self.config
+        e, pdtype = c.num_experts, dtype_of(c.param_dtype)
+        normal = nn.initializers.normal(c.init_std)
+
+        def weight(name, shape, axes, init):
+            return self.param(name, nn.with_logical_partitioning(init, axes), shape, pdtype)
+
+        return {
+            "norm_scale": weight("norm_scale", (e, d_model), ("expert", "embed"), nn.initializers.ones),
+            "wi_0": weight("wi_0", (e, d_model, c.d_ff), ("expert", "embed", "mlp"), normal),
+            "wi_1": weight("wi_1", (e, d_model, c.d_ff), ("expert", "embed", "mlp"), normal),
+            "wo": weight("wo", (e, c.d_ff, d_model), ("expert", "mlp", "embed"), normal),
+        }
+
+
+class MoeBlock(nn.Module):
+    """Router + `num_experts` gated-GELU experts (each with its RMSNorm scale) on [B, L, d]."""
+
+    config: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        if not c.is_moe:
+            raise ConfigError("MoeBlock needs num_experts > 0")
+        check_backend(c.moe_backend)
+        b, length, d = x.shape
+        e, dtype = c.num_experts, dtype_of(c.dtype)
+        g, s = routing_groups(b, length, c.moe_group_size)
+        xg = nn.with_logical_constraint(x.reshape(g, s, d), ("batch", "length", "embed"))
+        x32 = xg.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + c.layer_norm_epsilon)
+
+        routing: Routing = Router(config=c, deterministic=self.deterministic, name="router")(normed)
+
+        experts = Experts(config=c, name="experts")(d)
+        routed = int(routing.kept.size)
+        backend = select_backend(c.moe_backend, routed_rows=routed, padded_rows=g * e * routing.capacity)
+        rows = to_experts(normed, routing, backend)
+        batched = backend not in RAGGED_BACKENDS
+        if batched:
+            rows = rows.replace(rows=nn.with_logical_constraint(
+                nn.with_logical_constraint(rows.rows, _BATCH_SIDE), _EXPERT_SIDE))
+        drop = nn.Dropout(c.dropout_rate)
+        out = expert_ffn(rows, **experts, backend=backend, dtype=dtype,
+                         dropout=lambda h: drop(h, deterministic=self.deterministic))
+        if batched:
+            out = out.replace(rows=nn.with_logical_constraint(
+                nn.with_logical_constraint(out.rows, _EXPERT_SIDE), _BATCH_SIDE))
+        y = from_experts(out, routing, backend)
+        self._sow(routing)
+        return y.reshape(b, length, d).astype(dtype)
+
+    def _sow(self, routing: Routing) -> None:
+        c = self.config
+        if c.moe_router == "top_k" and c.moe_aux_loss_weight:
+            self.sow("aux_loss", "load_balancing_loss", c.moe_aux_loss_weight * routing.aux_loss)
+        if c.moe_router != "balanced" and c.moe_z_loss_weight:
+            self.sow("aux_loss", "router_z_loss", c.moe_z_loss_weight * routing.z_loss)
+        self.sow("intermediates", "expert_load", routing.expert_load())
+        self.sow("intermediates", "fraction_dropped", routing.fraction_dropped())
+        self.sow("intermediates", "router_entropy", routing.entropy)

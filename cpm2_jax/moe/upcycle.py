@@ -1,0 +1,140 @@
+"""Dense -> MoE upcycling (CPM2_FACTS "Knowledge inheritance", MoE stage): every expert of every
+MoE layer starts as a copy of the dense feed-forward block, its RMSNorm included, and the
+router starts fresh, so at step 0 the MoE model computes what the dense one did (for the
+balanced router, whose combine weight is 1).
+
+    layers_i/pre_mlp_layer_norm/scale [d]  ->  layers_i/moe/experts/norm_scale [E, d]
+    layers_i/mlp/{wi_0, wi_1, wo}          ->  layers_i/moe/experts/{wi_0, wi_1, wo} [E, ...]
+    (new)                                  ->  layers_i/moe/router/{centroids | kernel}
+
+Scanned checkpoints (`layers/...` with a leading layer axis) keep that axis first.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpm2_jax.config import ModelConfig
+from cpm2_jax.errors import CheckpointError, ConfigError
+
+_DENSE_FFN = {("pre_mlp_layer_norm", "scale"): "norm_scale", ("mlp", "wi_0"): "wi_0",
+              ("mlp", "wi_1"): "wi_1", ("mlp", "wo"): "wo"}
+_MOE_FIELDS = ("num_experts", "moe_router", "moe_backend", "moe_capacity_factor", "moe_top_k", "moe_group_size",
+               "moe_aux_loss_weight", "moe_z_loss_weight", "moe_jitter", "moe_eval_argmax")
+
+
+def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _unwrap(params) -> dict:
+    import flax.linen as nn
+
+    params = nn.unbox(params)
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        params = params["params"]
+    if hasattr(params, "unfreeze"):
+        params = params.unfreeze()
+    return params
+
+
+def check_compatible(dense: ModelConfig, moe: ModelConfig) -> None:
+    """The MoE config must be the dense one plus MoE fields."""
+    if dense.is_moe:
+        raise ConfigError(f"dense-to-moe: the source config already has num_experts={dense.num_experts}")
+    if not moe.is_moe:
+        raise ConfigError("dense-to-moe: the target config needs num_experts > 0")
+    different = [f.name for f in dataclasses.fields(ModelConfig)
+                 if f.name not in _MOE_FIELDS and getattr(dense, f.name) != getattr(moe, f.name)]
+    if different:
+        name = different[0]
+        raise ConfigError(f"dense-to-moe: the MoE config differs from the dense one in {', '.join(different)} "
+                          f"(e.g. {name}: {getattr(dense, name)!r} vs {getattr(moe, name)!r}); only MoE fields may change")
+
+
+def check_params_fit(params, config: ModelConfig) -> None:
+    """A clear error when dense params meet an MoE config or MoE params meet a dense config
+    (e.g. an MoE checkpoint restored into a dense model), before any shape mismatch deep in Flax."""
+    flat = _flatten(_unwrap(params))
+    moe_paths = [p for p in flat if "moe" in p]
+    dense_ffn = [p for p in flat if p[-2:] in _DENSE_FFN]
+    if moe_paths and not config.is_moe:
+        experts = next((flat[p].shape[-3] for p in moe_paths if p[-1] == "wi_0"), "?")
+        raise CheckpointError(f"the checkpoint is an MoE model ({experts} experts; e.g. parameter "
+                              f"{'/'.join(moe_paths[0])!r}) but the config is dense (num_experts=0); restore it "
+                              f"with the MoE config (num_experts={experts}), or use a dense checkpoint")
+    if dense_ffn and config.is_moe:
+        raise CheckpointError(f"the checkpoint is a dense model (e.g. parameter {'/'.join(dense_ffn[0])!r}) but the "
+                              f"config has num_experts={config.num_experts}; upcycle it first with "
+                              "`cpm2 convert dense-to-moe`")
+    for path, value in flat.items():
+        if path[-1] == "wi_0" and "experts" in path and value.shape[-3] != config.num_experts:
+            raise CheckpointError(f"parameter {'/'.join(path)!r} holds {value.shape[-3]} experts but the config "
+                                  f"has num_experts={config.num_experts}")
+
+
+def _fresh_router(config: ModelConfig, rng: jax.Array, layers: int, scanned: bool):
+    """Router parameters of one layer (or `layers` stacked ones when scanned), newly initialised."""
+    import flax.linen as nn
+
+    from cpm2_jax.moe.routing import Router
+
+    e = config.num_experts
+    probe = jnp.zeros((1, e, config.d_model), jnp.float32)  # S = E tokens: a valid balanced group
+
+    def init(key):
+        return nn.unbox(Router(config=config).init(key, probe))["params"]
+
+    if not scanned:
+        return jax.tree.map(np.asarray, init(rng))
+    return jax.tree.map(np.asarray, jax.vmap(init)(jax.random.split(rng, layers)))
+
+
+def upcycle_params(dense_params, dense_config: ModelConfig, moe_config: ModelConfig,
+                   rng: jax.Array | int = 0) -> dict:
+    """MoE params (numpy, host) from dense params: experts copy the dense FFN and its norm."""
+    check_compatible(dense_config, moe_config)
+    check_params_fit(dense_params, dense_config)
+    rng = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+    flat = {p: np.asarray(jax.device_get(v)) for p, v in _flatten(_unwrap(dense_params)).items()}
+    layer_prefixes = sorted({p[:-2] for p in flat if p[-2:] in _DENSE_FFN})
+    if not layer_prefixes:
+        raise CheckpointError("dense-to-moe: no dense feed-forward block (mlp/wi_0 ...) found in the params")
+    e, out = moe_config.num_experts, {}
+    for path, value in flat.items():
+        if path[-2:] not in _DENSE_FFN:
+            out[path] = value
+    for i, prefix in enumerate(layer_prefixes):
+        scanned = prefix[-1] == "layers"
+        missing = [k for k in _DENSE_FFN if prefix + k not in flat]
+        if missing:
+            raise CheckpointError(f"dense-to-moe: layer {'/'.join(prefix)!r} lacks {'/'.join(missing[0])!r}")
+        for key, name in _DENSE_FFN.items():
+            value = flat[prefix + key]
+            axis = 1 if scanned else 0  # the expert axis goes after the scanned layer axis
+            out[prefix + ("moe", "experts", name)] = np.repeat(np.expand_dims(value, axis), e, axis=axis)
+        layers = flat[prefix + ("mlp", "wi_0")].shape[0] if scanned else 1
+        router = _fresh_router(moe_config, jax.random.fold_in(rng, i), layers, scanned)
+        for rpath, value in _flatten(router).items():
+            out[prefix + ("moe", "router") + rpath] = value.astype(flat[prefix + ("mlp", "wi_0")].dtype)
+    return _nest(out)

@@ -1,0 +1,75 @@
+"""Upcycling: the upcycled model's logits equal the dense model's at step 0; mismatched
+checkpoints and configs give clear errors; `cpm2 convert dense-to-moe` end to end."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cpm2_jax.config import get_config
+from cpm2_jax.errors import CheckpointError, ConfigError
+from cpm2_jax.model import EncoderDecoder
+from cpm2_jax.moe.upcycle import check_params_fit, upcycle_params
+
+
+def batch():
+    rng = np.random.RandomState(0)
+    enc = jnp.asarray(rng.randint(1, 512, (4, 16)), jnp.int32)
+    dec = jnp.asarray(rng.randint(1, 512, (4, 8)), jnp.int32)
+    return enc, dec
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_upcycled_logits_equal_dense(scan):
+    dense_c = get_config("tiny", init_std=0.05, scan_layers=scan)
+    moe_c = dense_c.replace(num_experts=4, moe_router="balanced")
+    enc, dec = batch()
+    dense_params = nn.unbox(EncoderDecoder(dense_c).init(jax.random.PRNGKey(0), enc, dec))["params"]
+    moe_params = upcycle_params(dense_params, dense_c, moe_c, rng=1)
+    shapes = jax.eval_shape(lambda: nn.unbox(EncoderDecoder(moe_c).init(jax.random.PRNGKey(0), enc, dec))["params"])
+    assert jax.tree.structure(shapes) == jax.tree.structure(moe_params)
+    assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(moe_params)))
+    dense_logits = jax.jit(EncoderDecoder(dense_c).apply)({"params": dense_params}, enc, dec)
+    for backend in ("padded", "ragged_dot"):
+        apply = jax.jit(EncoderDecoder(moe_c.replace(moe_backend=backend)).apply, static_argnames="enable_dropout")
+        # Training-mode routing (balanced assignment) and the inference argmax fallback alike.
+        train = apply({"params": moe_params}, enc, dec, enable_dropout=True)
+        infer = apply({"params": moe_params}, enc, dec)
+        np.testing.assert_allclose(np.asarray(train), np.asarray(dense_logits), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(infer), np.asarray(dense_logits), rtol=1e-5, atol=1e-6)
+
+
+def test_mismatched_checkpoints_and_configs():
+    dense_c = get_config("tiny")
+    moe_c = dense_c.replace(num_experts=4)
+    enc, dec = batch()
+    dense_params = nn.unbox(EncoderDecoder(dense_c).init(jax.random.PRNGKey(0), enc, dec))["params"]
+    moe_params = upcycle_params(dense_params, dense_c, moe_c)
+    with pytest.raises(CheckpointError, match=r"MoE model \(4 experts.*config is dense"):
+        check_params_fit(moe_params, dense_c)
+    with pytest.raises(CheckpointError, match="dense-to-moe"):
+        check_params_fit(dense_params, moe_c)
+    with pytest.raises(CheckpointError, match="holds 4 experts"):
+        check_params_fit(moe_params, dense_c.replace(num_experts=8))
+    check_params_fit(moe_params, moe_c)
+    with pytest.raises(ConfigError, match="d_model"):
+        upcycle_params(dense_params, dense_c, moe_c.replace(d_model=32))
+    with pytest.raises(ConfigError, match="already has num_experts"):
+        upcycle_params(moe_params, moe_c, moe_c)
+
+
+def test_cli_dense_to_moe(tmp_path, capsys):
+    from cpm2_jax.cli import main
+    from cpm2_jax.convert.native import load_params, save_params
+
+    dense_c = get_config("tiny")
+    enc, dec = batch()
+    dense_params = nn.unbox(EncoderDecoder(dense_c).init(jax.random.PRNGKey(0), enc, dec))["params"]
+    save_params(dense_params, dense_c, tmp_path / "dense")
+    assert main(["convert", "dense-to-moe", str(tmp_path / "dense"), str(tmp_path / "moe"), "--num_experts", "4"]) == 0
+    params, config = load_params(tmp_path / "moe")
+    assert config.num_experts == 4 and config.moe_router == "balanced"
+    wi_0 = params["encoder"]["layers_0"]["moe"]["experts"]["wi_0"]
+    np.testing.assert_array_equal(wi_0[3], dense_params["encoder"]["layers_0"]["mlp"]["wi_0"])
+    assert main(["convert", "dense-to-moe", str(tmp_path / "moe"), str(tmp_path / "again"), "--num_experts", "4"]) == 2
+    assert "already has num_experts" in capsys.readouterr().err
