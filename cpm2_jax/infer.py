@@ -1,0 +1,382 @@
+"""The inference binary: `python -m cpm2_jax.infer` / `cpm2 infer`, t5x-style.
+
+    cpm2 infer --gin_file=runs/infer.gin --gin.CHECKPOINT_PATH="'/tmp/cpm2_run'" \\
+        --gin.INPUT_FILE="'inputs.txt'" --gin.OUTPUT_FILE="'predictions.jsonl'" \\
+        --gin.VOCABULARY="'vocab.txt'" --gin.infer.method="'beam'"
+
+Inputs: one example a line, plain text or JSON Lines with an `inputs` field (text, or a list
+of token ids used as given); a plain line of integers is read as ids too. `-` is stdin/stdout.
+Text is tokenised with the vocabulary and gets EOS appended (as seqio does for inputs).
+Output: JSON Lines with the inputs, `output_ids` (up to EOS), `output` text (with a
+vocabulary) and `score`; other fields of a JSON input line are copied through. The output
+file is written to a temp file and renamed, and never replaces an existing file unless
+`overwrite`. Checkpoints: a converted directory (`model_config.json` + `params/`, from
+`cpm2 convert from-hf`) or a training run / step folder written by `cpm2 train`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from cpm2_jax import gin_utils
+from cpm2_jax.config import ModelConfig
+from cpm2_jax.errors import CheckpointError, ConfigError, DataError
+
+MODES = ("predict", "score")
+DEFAULT_GIN_FILE = "runs/infer.gin"
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def load_checkpoint(path: Union[str, os.PathLike], model_config: Optional[ModelConfig] = None
+                    ) -> tuple[dict, ModelConfig]:
+    """(params as host arrays, config) from a converted directory or a training checkpoint.
+
+    The config recorded in the checkpoint is used; `model_config` is needed only for a
+    training checkpoint that does not record one.
+    """
+    from cpm2_jax.convert import native
+
+    p = pathlib.Path(path).expanduser().absolute()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {str(p)!r} does not exist (--gin.CHECKPOINT_PATH)")
+    if (p / native.CONFIG_FILE).is_file():
+        return native.load_params(p)
+    return _load_training_checkpoint(p, model_config)
+
+
+def _load_training_checkpoint(path: pathlib.Path, model_config: Optional[ModelConfig]) -> tuple[dict, ModelConfig]:
+    """Params of the latest (or the given) step of a `cpm2 train` run, restored as numpy."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from cpm2_jax import checkpoints
+
+    state_dir = checkpoints.resolve_state_dir(path)
+    config = model_config
+    record = state_dir.parent / "config" / "metadata"
+    if record.is_file():
+        try:
+            fields = json.loads(record.read_text()).get("model_config")
+        except ValueError as err:
+            raise CheckpointError(f"{str(record)!r} is not valid JSON: {err}") from None
+        if fields:
+            config = ModelConfig().replace(**fields)
+    if config is None:
+        raise ConfigError(f"checkpoint {str(state_dir)!r} records no model config; give one with a model gin file "
+                          "(--gin_file=models/NAME.gin)")
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        tree = checkpointer.metadata(state_dir).item_metadata.tree
+        if "params" not in tree:
+            raise CheckpointError(f"checkpoint {str(state_dir)!r} has no 'params' item")
+        item = {"params": tree["params"]}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"cannot restore params from {str(state_dir)!r}: {err}") from None
+    finally:
+        checkpointer.close()
+    return restored["params"], config
+
+
+def check_params(params, config: ModelConfig, source: str) -> None:
+    """Raises CheckpointError naming every parameter whose shape differs from `config`'s model."""
+    import jax
+
+    from cpm2_jax import decoding
+    from cpm2_jax.checkpoints import describe_mismatch
+
+    model = decoding.EncoderDecoder(config)
+    ones = np.ones((1, 2), np.int32)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ones, ones))["params"]
+
+    def flat(tree):
+        import flax.linen as nn
+
+        leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(tree))[0]
+        return {"/".join(str(getattr(k, "key", k)) for k in kp): tuple(v.shape) for kp, v in leaves}
+
+    problems = describe_mismatch(flat(abstract), flat(params))
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not match its model config: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------ inputs
+
+def _read_lines(path: str) -> tuple[str, list[str]]:
+    if path == "-":
+        return "<stdin>", sys.stdin.read().splitlines()
+    p = pathlib.Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"input file {str(p)!r} does not exist (--gin.INPUT_FILE)")
+    try:
+        return str(p), p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{str(p)}: not UTF-8 text: {err}") from None
+
+
+def _as_ids(value: Any, where: str, field: str, vocabulary, vocab_size: int) -> list[int]:
+    """Token ids of a text (tokenised, EOS appended) or of a list of ints (as given)."""
+    if isinstance(value, str):
+        if vocabulary is None:
+            raise DataError(f"{where}: {field} is text but no vocabulary is set; pass --gin.VOCABULARY=\"'path'\" "
+                            "(a vocab.txt or sentencepiece .model) or give token ids")
+        ids = list(vocabulary.encode(value)) + [1]
+    elif isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        ids = list(value)
+    else:
+        raise DataError(f"{where}: {field} must be a string or a non-empty list of token ids, got {value!r:.60}")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise DataError(f"{where}: {field} has token id {bad[0]} outside the model vocabulary [0, {vocab_size})")
+    if not any(t > 0 for t in ids):
+        raise DataError(f"{where}: {field} is empty (only padding)")
+    return ids
+
+
+def read_examples(path: str, *, vocabulary, vocab_size: int, need_targets: bool) -> list[dict]:
+    """Parsed examples: {"record", "input_ids", "target_ids"?}; blank lines are skipped."""
+    name, lines = _read_lines(path)
+    examples = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text:
+            continue
+        where = f"{name} line {number}"
+        if text.startswith("{"):
+            try:
+                record = json.loads(text)
+            except ValueError as err:
+                raise DataError(f"{where}: invalid JSON: {err}") from None
+            if not isinstance(record, dict) or "inputs" not in record:
+                raise DataError(f"{where}: a JSON line must be an object with an \"inputs\" field")
+        elif all(tok.lstrip("-").isdigit() for tok in text.split()) and vocabulary is None:
+            record = {"inputs": [int(tok) for tok in text.split()]}
+        else:
+            record = {"inputs": line}
+        example = {"record": record, "input_ids": _as_ids(record["inputs"], where, "inputs", vocabulary, vocab_size)}
+        if need_targets:
+            if "targets" not in record:
+                raise DataError(f"{where}: mode 'score' needs a JSON line with a \"targets\" field")
+            example["target_ids"] = _as_ids(record["targets"], where, "targets", vocabulary, vocab_size)
+        examples.append(example)
+    if not examples:
+        raise DataError(f"{name}: no inputs (every line is blank)")
+    return examples
+
+
+def _bucket(n: int, cap: int) -> int:
+    """Padded length: the next power of two (at least 8), at most `cap` (fewer recompilations)."""
+    size = 8
+    while size < n:
+        size *= 2
+    return min(size, cap)
+
+
+def _pad(rows: Sequence[Sequence[int]], batch: int, length: int) -> np.ndarray:
+    out = np.zeros((batch, length), np.int32)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row[:length]
+    return out
+
+
+# ------------------------------------------------------------------------------ output
+
+class _AtomicWriter:
+    """Lines to `path` via a temp file renamed on success (stdout for '-')."""
+
+    def __init__(self, path: str, overwrite: bool):
+        self.path = path
+        if path == "-":
+            self._file, self._tmp = sys.stdout, None
+            return
+        target = pathlib.Path(path).expanduser().absolute()
+        if target.is_dir():
+            raise DataError(f"output path {str(target)!r} is a directory (--gin.OUTPUT_FILE)")
+        if target.exists() and not overwrite:
+            raise DataError(f"output file {str(target)!r} exists; pass --overwrite (or --gin.infer.overwrite=True) "
+                            "to replace it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        self._target, self._tmp = target, pathlib.Path(tmp)
+        self._file = os.fdopen(fd, "w", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def commit(self) -> None:
+        if self._tmp is None:
+            self._file.flush()
+            return
+        self._file.close()
+        os.replace(self._tmp, self._target)
+
+    def abort(self) -> None:
+        if self._tmp is not None:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+def _strip_after_eos(ids: Sequence[int]) -> list[int]:
+    ids = [int(t) for t in ids]
+    return ids[:ids.index(1)] if 1 in ids else ids
+
+
+# ------------------------------------------------------------------------------ the entry point
+
+def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-", vocabulary_path: Optional[str] = None,
+          model_config: Optional[ModelConfig] = None, mode: str = "predict", method: str = "greedy",
+          max_new_tokens: int = 64, min_new_tokens: int = 0, num_beams: int = 4, length_penalty: float = 1.0,
+          length_penalty_kind: str = "hf", early_stopping: Union[bool, str] = False, temperature: float = 1.0,
+          top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8, max_input_length: int = 512,
+          dtype: Optional[str] = None, overwrite: bool = False, log=None) -> dict:
+    """Decodes (mode 'predict') or scores given targets (mode 'score') every input line and
+    writes JSON Lines; returns a summary (examples, generated tokens, seconds)."""
+    import jax
+
+    from cpm2_jax import decoding
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    for value, macro in ((checkpoint_path, "CHECKPOINT_PATH"), (input_path, "INPUT_FILE"),
+                         (output_path, "OUTPUT_FILE")):
+        if value is None or gin_utils.is_required(value):
+            raise ConfigError(f"infer: {macro} is not set; pass --gin.{macro}=\"'...'\"")
+    if mode not in MODES:
+        raise ConfigError(f"infer: unknown mode {mode!r}; known: {', '.join(MODES)}")
+    if method not in decoding.METHODS:
+        raise ConfigError(f"infer: unknown method {method!r}; known: {', '.join(decoding.METHODS)}")
+    if batch_size < 1 or max_new_tokens < 1 or max_input_length < 1:
+        raise ConfigError("infer: batch_size, max_new_tokens and max_input_length must be >= 1")
+    writer = _AtomicWriter(output_path, overwrite)  # refuse an existing output before any work
+    try:
+        params, config = load_checkpoint(checkpoint_path, model_config)
+        if dtype:
+            config = config.replace(dtype=dtype)
+        check_params(params, config, repr(str(checkpoint_path)))
+        vocabulary = None
+        if vocabulary_path:
+            from cpm2_jax.tasks.vocabulary import load_vocabulary
+
+            vocabulary = load_vocabulary(vocabulary_path)
+            if vocabulary.vocab_size > config.vocab_size:
+                raise ConfigError(f"vocabulary {vocabulary_path!r} has {vocabulary.vocab_size} ids, more than the "
+                                  f"model's {config.vocab_size}")
+        examples = read_examples(input_path, vocabulary=vocabulary, vocab_size=config.vocab_size,
+                                 need_targets=mode == "score")
+        params = jax.device_put(params)
+        start, generated, truncated = time.perf_counter(), 0, 0
+        for first in range(0, len(examples), batch_size):
+            chunk = examples[first:first + batch_size]
+            longest = max(len(e["input_ids"]) for e in chunk)
+            truncated += sum(len(e["input_ids"]) > max_input_length for e in chunk)
+            enc = _pad([e["input_ids"] for e in chunk], batch_size, _bucket(longest, max_input_length))
+            if mode == "score":
+                targets = _pad([e["target_ids"] for e in chunk], batch_size,
+                               _bucket(max(len(e["target_ids"]) for e in chunk), 1 << 30))
+                token_scores, totals = jax.device_get(decoding.score(params, enc, targets, config=config))
+                for i, e in enumerate(chunk):
+                    n = len(e["target_ids"])
+                    writer.write({**e["record"], "input_ids": e["input_ids"], "target_ids": e["target_ids"],
+                                  "score": float(totals[i]), "token_scores": [float(s) for s in token_scores[i, :n]]})
+                continue
+            out = decoding.decode(params, enc, config=config, method=method, max_new_tokens=max_new_tokens,
+                                  min_new_tokens=min_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
+                                  length_penalty_kind=length_penalty_kind, early_stopping=early_stopping,
+                                  temperature=temperature, top_k=top_k, top_p=top_p,
+                                  rng=jax.random.fold_in(jax.random.PRNGKey(seed), first))
+            tokens, scores, lengths = jax.device_get((out.tokens, out.scores, out.lengths))
+            for i, e in enumerate(chunk):
+                ids = _strip_after_eos(tokens[i])
+                generated += int(lengths[i])
+                record = {**e["record"], "input_ids": e["input_ids"], "output_ids": ids, "score": float(scores[i])}
+                if vocabulary is not None:
+                    record["output"] = vocabulary.decode(ids)
+                writer.write(record)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    seconds = time.perf_counter() - start
+    if truncated:
+        log(f"infer: {truncated} input(s) longer than max_input_length={max_input_length} were truncated")
+    summary = {"examples": len(examples), "mode": mode, "method": method, "generated_tokens": generated,
+               "seconds": round(seconds, 3), "output": output_path}
+    log("infer: " + json.dumps(summary))
+    return summary
+
+
+# ------------------------------------------------------------------------------ the edge
+
+_GIN_INFER = None
+
+
+def configurable_infer():
+    """`infer` registered with gin (once) as `cpm2_jax.infer.infer`: runs/infer.gin binds it."""
+    global _GIN_INFER
+    if _GIN_INFER is None:
+        import gin
+
+        _GIN_INFER = gin.external_configurable(infer, name="infer", module="cpm2_jax.infer")
+    return _GIN_INFER
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    gin_utils.add_gin_flags(parser)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def run(args) -> int:
+    """Parses gin (runs/infer.gin when no --gin_file is given) and runs `infer`."""
+    from cpm2_jax import checkpoints  # noqa: F401 - registers its gin configurables before gin locks
+    from cpm2_jax.errors import CPM2Error
+
+    entry = configurable_infer()
+    files = list(args.gin_file) or [DEFAULT_GIN_FILE]
+    try:
+        gin_utils.parse_gin(files, args.gin_bindings, args.gin_search_paths)
+        gin_utils.check_required_macros("infer")
+        entry(**({"overwrite": True} if args.overwrite else {}))
+    except CPM2Error as err:
+        # gin re-raises through a proxy subclass with "In call to configurable" lines appended:
+        # keep the one paragraph and the project's own error class.
+        text = "\n".join(line for line in str(err).splitlines() if not line.startswith("  In call to"))
+        cls = type(err)
+        while "ExceptionProxy" in cls.__init__.__qualname__:
+            cls = cls.__mro__[1]
+        raise cls(text.strip()) from None
+    finally:
+        import gin
+
+        gin.clear_config()  # unlocks gin, so later imports in this process may register configurables
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from cpm2_jax.errors import CPM2Error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m cpm2_jax.infer", description=__doc__.splitlines()[0])
+    add_flags(parser)
+    try:
+        argv, dot = gin_utils.split_gin_dot_flags(argv)
+        args = parser.parse_args(argv)
+        args.gin_bindings = list(args.gin_bindings) + dot
+        return run(args)
+    except CPM2Error as err:
+        print(f"infer: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.exit(main())
