@@ -16,7 +16,11 @@ from cpm2_jax.errors import CPM2Error
 # One line per sub-command module; add yours here.
 _SUBCOMMAND_MODULES = [
     "cpm2_jax.commands.params",
+    "cpm2_jax.commands.infer",
     "cpm2_jax.commands.convert",
+    "cpm2_jax.commands.train",
+    "cpm2_jax.commands.eval",
+    "cpm2_jax.commands.demo",
     "cpm2_jax.tasks.commands",
 ]
 

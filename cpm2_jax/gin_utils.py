@@ -94,20 +94,69 @@ def parse_gin(files: Sequence[str] = (), bindings: Sequence[str] = (), search: s
 
 def _explain_gin_error(err: Exception, files, bindings) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "%gin.REQUIRED" in text and "not subsequently overridden" in text and required_macros_missing():
+        return required_macros_message(required_macros_missing())
     m = re.search(r"No configurable matching '([^']+)'", str(err))
     if m:
         name = m.group(1)
         known = [c.rsplit(".", 1)[-1] for c in _known_configurables()]
         text += closest(name.rsplit(".", 1)[-1], known)
+    m = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", str(err))
+    if m:
+        text += closest(m.group(2), _parameters_of(m.group(1)))
     where = f" in gin files {list(files)}" if files else ""
     if bindings:
         where += f" / bindings {list(bindings)}"
     return f"gin: {text}{where}"
 
 
+def _parameters_of(name: str) -> list[str]:
+    """Parameter names of a registered configurable (for did-you-mean on a misspelt binding)."""
+    import inspect
+
+    try:
+        fn = gin.config._REGISTRY.get_match(name).wrapped  # pylint: disable=protected-access
+        target = fn.__init__ if inspect.isclass(fn) else fn
+        return [p for p in inspect.signature(target).parameters if p != "self"]
+    except Exception:  # unknown name or a layout this gin version lacks
+        return []
+
+
+def required_macros_missing() -> list[str]:
+    """Macros still bound to %gin.REQUIRED after parsing (t5x run files declare them)."""
+    missing = []
+    for (scope, selector), values in gin.config._CONFIG.items():  # pylint: disable=protected-access
+        if selector != "gin.macro":
+            continue
+        value = values.get("value")
+        if getattr(value, "selector", None) == "gin.REQUIRED" or repr(value) == "%gin.REQUIRED":
+            missing.append(scope)
+    return sorted(missing)
+
+
+def required_macros_message(missing: Sequence[str], command: str = "") -> str:
+    example = " ".join(f"--gin.{name}=..." for name in missing)
+    who = f"{command}: " if command else ""
+    return (f"{who}required gin macro(s) not set: {', '.join(missing)}. The run file declares them "
+            f"%gin.REQUIRED; set each with {example} (or --gin_bindings='NAME = value'), e.g. "
+            f"--gin.MODEL_DIR=\"'/tmp/run'\" --gin.TRAIN_STEPS=1000")
+
+
+def check_required_macros(command: str = "") -> None:
+    """One ConfigError listing every REQUIRED macro left unset, with the flag that sets it."""
+    missing = required_macros_missing()
+    if missing:
+        raise ConfigError(required_macros_message(missing, command))
+
+
+def is_required(value) -> bool:
+    """True for the placeholder gin passes when a REQUIRED value was never bound."""
+    return value is gin.REQUIRED or repr(value) == "%gin.REQUIRED"
+
+
 def _known_configurables() -> list[str]:
     registry = getattr(gin.config, "_REGISTRY", {})
     try:
-        return [str(k) for k in registry.keys()]
+        return [str(k) for k, _ in registry.items()]
     except Exception:  # registry layout differs between gin versions
         return []

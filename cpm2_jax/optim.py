@@ -5,8 +5,11 @@ with "noam" decay (linear warm-up, then proportional to 1/sqrt(step)).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import dataclasses
+import re
+from typing import Any, Callable, Optional, Sequence
 
+import gin
 import jax
 import jax.numpy as jnp
 import optax
@@ -80,3 +83,73 @@ def make_optimizer(name: str = "adamw", learning_rate=1e-3, *, weight_decay: flo
     if clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     return tx
+
+
+@gin.configurable(module="cpm2_jax.optim")
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Everything that builds the optimiser and its schedule; CPM-2's pre-training recipe by
+    default (CPM2_FACTS "Pre-training"): Adam(W), wd 0.01, clip 1.0, peak 1e-3, noam."""
+
+    name: str = "adamw"
+    learning_rate: float = 1e-3
+    schedule: str = "noam"
+    warmup_steps: int = 1000
+    weight_decay: float = 0.01
+    clip_norm: Optional[float] = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def build(self, total_steps: int = 0) -> tuple[optax.GradientTransformation, Callable]:
+        """(optax transformation, learning-rate schedule) for a run of `total_steps`."""
+        schedule = make_schedule(self.schedule, self.learning_rate, self.warmup_steps, total_steps)
+        tx = make_optimizer(self.name, schedule, weight_decay=self.weight_decay, clip_norm=self.clip_norm,
+                            b1=self.b1, b2=self.b2, eps=self.eps)
+        return tx, schedule
+
+
+# ---------------------------------------------------------------------------------------
+# Trainable subsets (prompt tuning, partial fine-tuning): gradients and optimiser state for
+# a subtree alone; the rest of the parameters is frozen and never differentiated.
+
+def path_name(path) -> str:
+    """A tree path as 'encoder/layers_0/mlp/wi_0/kernel'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def trainable_mask(params, patterns: Optional[Sequence[str]]) -> Any:
+    """A bool tree: True where the parameter's path matches one of the regexes (all True when
+    `patterns` is None). A pattern that matches nothing is an error naming it."""
+    if patterns is None:
+        return jax.tree_util.tree_map(lambda _: True, params)
+    compiled = [re.compile(p) for p in patterns]
+    used = set()
+
+    def decide(path, _):
+        name = path_name(path)
+        for i, pattern in enumerate(compiled):
+            if pattern.fullmatch(name) or pattern.search(name):
+                used.add(i)
+                return True
+        return False
+
+    mask = jax.tree_util.tree_map_with_path(decide, params)
+    unused = [patterns[i] for i in range(len(patterns)) if i not in used]
+    if unused:
+        names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        raise ConfigError(f"trainable pattern {unused[0]!r} matches no parameter"
+                          f"{closest(unused[0], names)}; parameters look like {names[0]!r}")
+    return mask
+
+
+def trainable_subtree(params, mask):
+    """The params tree with frozen leaves replaced by optax.MaskedNode (an empty subtree):
+    the tree the optimiser sees, so its state exists for trainable parameters only."""
+    return jax.tree_util.tree_map(lambda p, m: p if m else optax.MaskedNode(), params, mask)
+
+
+def merge_subtree(params, mask, subtree):
+    """Inverse of `trainable_subtree`: the full params with the trainable leaves taken from
+    `subtree` (MaskedNode positions keep the frozen value)."""
+    return jax.tree_util.tree_map(lambda m, p, s: s if m else p, mask, params, subtree)

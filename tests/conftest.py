@@ -5,7 +5,12 @@ XLA_FLAGS must be set before jax is imported anywhere, which is why it lives her
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The collective timeouts: XLA:CPU aborts the process when the threads of a cross-device
+# collective do not all arrive within its termination timeout, which a starved 2-core
+# machine running 8 fake devices (plus subprocess tests) can exceed; raise it well above.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8"
+                      " --xla_cpu_collective_call_terminate_timeout_seconds=900"
+                      " --xla_cpu_collective_timeout_seconds=900")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

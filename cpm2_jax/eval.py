@@ -1,0 +1,202 @@
+"""The evaluation binary: `python -m cpm2_jax.eval` / `cpm2 eval`, t5x-style.
+
+Runs the seqio evaluator of every task in a mixture (or one task) against a checkpoint:
+generation metrics decode with `cpm2_jax.decoding` (greedy by default), scoring metrics use
+the teacher-forced log-likelihood, and every task also gets its token loss and accuracy.
+Per-task metrics go to `<output_dir>/eval_<split>.json` and TensorBoard (`<output_dir>/eval/`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from typing import Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+
+from cpm2_jax import checkpoints as ckpt_lib
+from cpm2_jax import datasets, gin_utils
+from cpm2_jax.config import ModelConfig
+from cpm2_jax.errors import CheckpointError, ConfigError
+from cpm2_jax.metrics_writer import MetricsWriter
+from cpm2_jax.trainer import Trainer, TrainerConfig
+
+EOS_ID = 1
+
+
+def _batches(dataset, batch_size: int):
+    """(indices, stacked features) of an enumerated seqio model dataset, the last batch padded
+    with zero rows (so every call has the same shape; pad rows carry no loss weight)."""
+    rows = []
+    for index, example in dataset.as_numpy_iterator():
+        rows.append((int(index), example))
+        if len(rows) == batch_size:
+            yield _stack(rows, batch_size)
+            rows = []
+    if rows:
+        yield _stack(rows, batch_size)
+
+
+def _stack(rows, batch_size):
+    indices = [i for i, _ in rows]
+    keys = rows[0][1].keys()
+    out = {}
+    for k in keys:
+        arrays = [np.asarray(ex[k]) for _, ex in rows]
+        pad = [np.zeros_like(arrays[0])] * (batch_size - len(arrays))
+        out[k] = np.stack(arrays + pad)
+    return indices, out
+
+
+def strip_after_eos(tokens: Sequence[int]) -> list[int]:
+    """Generated ids up to (not including) the first EOS."""
+    out = []
+    for t in tokens:
+        if int(t) == EOS_ID:
+            break
+        out.append(int(t))
+    return out
+
+
+def _scalar(value) -> Optional[float]:
+    value = getattr(value, "value", value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def evaluate(*, model_config: ModelConfig, dataset_cfg: datasets.DatasetConfig, checkpoint_path: str,
+             output_dir: Optional[str] = None, mesh_shape: Optional[Mapping[str, int]] = None,
+             num_examples: Optional[int] = None, decode_method: str = "greedy", num_beams: int = 4,
+             max_new_tokens: Optional[int] = None) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} for every task of `dataset_cfg.mixture_or_task_name`."""
+    for name, value in (("model_config", model_config), ("dataset_cfg", dataset_cfg),
+                        ("checkpoint_path", checkpoint_path)):
+        if gin_utils.is_required(value) or value is None:
+            raise ConfigError(f"evaluate: {name} is not set (bind it in the run file or with --gin.NAME=value)")
+    import gin
+    import seqio
+
+    from cpm2_jax import decoding
+    with gin.unlock_config():
+        from cpm2_jax.tasks import pipeline, settings
+    settings.configure()
+    provider = pipeline.get_provider(dataset_cfg.mixture_or_task_name)
+    lengths = dict(dataset_cfg.task_feature_lengths)
+
+    from cpm2_jax.train import build_mesh
+
+    trainer = Trainer(model_config, TrainerConfig(), build_mesh(mesh_shape))
+    state_dir = ckpt_lib.resolve_state_dir(checkpoint_path)
+    step = int(state_dir.parent.name) if state_dir.parent.name.isdigit() else 0
+
+    def never():
+        raise CheckpointError(f"{state_dir} lacks parameters the model needs")
+
+    params, _ = ckpt_lib.restore_partial(state_dir, trainer.abstract_params(), never, fallback_to_scratch=False)
+    batch_size = dataset_cfg.batch_size
+    trainer.check_batch_size(batch_size)
+    new_tokens = max_new_tokens or lengths.get("targets", 128)
+
+    def predict_fn(dataset):
+        out = []
+        for indices, batch in _batches(dataset, batch_size):
+            decoded = decoding.decode(params, batch["encoder_input_tokens"], config=model_config,
+                                      method=decode_method, max_new_tokens=new_tokens, num_beams=num_beams)
+            tokens = np.asarray(jax.device_get(decoded.tokens))
+            out.extend((i, strip_after_eos(tokens[r])) for r, i in enumerate(indices))
+        return out
+
+    def score_fn(dataset):
+        out = []
+        for indices, batch in _batches(dataset, batch_size):
+            _, totals = decoding.score(params, batch["encoder_input_tokens"], batch["decoder_target_tokens"],
+                                       config=model_config)
+            totals = np.asarray(jax.device_get(totals))
+            out.extend((i, float(totals[r])) for r, i in enumerate(indices))
+        return out
+
+    evaluator = seqio.Evaluator(provider.name, feature_converter=seqio.EncDecFeatureConverter(pack=False),
+                                eval_split=dataset_cfg.split, sequence_length=lengths, num_examples=num_examples,
+                                seed=dataset_cfg.seed, use_memory_cache=True, logger_cls=())
+    if not evaluator.eval_tasks:
+        raise ConfigError(f"{provider.name!r} has no task with a {dataset_cfg.split!r} split to evaluate")
+    future, _ = evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn, score_fn=score_fn)
+    computed = future.result() or {}
+
+    results: dict[str, dict[str, float]] = {}
+    for task in evaluator.eval_tasks:
+        model_ds = evaluator.cached_model_datasets[task.name]
+        teacher_forced = trainer.evaluate(params, (b for _, b in _batches(model_ds, batch_size)))
+        metrics = {"token_loss": teacher_forced["loss"], "token_accuracy": teacher_forced["accuracy"],
+                   "examples": float(len(evaluator.cached_task_datasets[task.name]))}
+        for key, value in (computed.get(task.name) or {}).items():
+            number = _scalar(value)
+            if number is not None:
+                metrics[key] = number
+        results[task.name] = metrics
+
+    if output_dir and jax.process_index() == 0:
+        out = pathlib.Path(output_dir).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"checkpoint": str(state_dir.parent), "step": step, "split": dataset_cfg.split, "tasks": results}
+        (out / f"eval_{dataset_cfg.split}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
+        writer = MetricsWriter(out / "eval")
+        for task_name, metrics in results.items():
+            writer.write(step, metrics, prefix=task_name)
+        writer.close()
+    return results
+
+
+# ------------------------------------------------------------------------------ the edge
+_GIN_EVALUATE = None
+
+
+def configurable_evaluate():
+    global _GIN_EVALUATE
+    if _GIN_EVALUATE is None:
+        import gin
+
+        _GIN_EVALUATE = gin.external_configurable(evaluate, name="evaluate", module="cpm2_jax.eval")
+    return _GIN_EVALUATE
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    gin_utils.add_gin_flags(parser)
+
+
+def run(args) -> int:
+    from cpm2_jax.train import _call_gin
+
+    entry = configurable_evaluate()
+    gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
+    gin_utils.check_required_macros("eval")
+    results = _call_gin(entry)
+    if jax.process_index() == 0:
+        print(json.dumps(results, ensure_ascii=False))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from cpm2_jax.errors import CPM2Error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m cpm2_jax.eval", description=__doc__.splitlines()[0])
+    add_flags(parser)
+    try:
+        argv, dot = gin_utils.split_gin_dot_flags(argv)
+        args = parser.parse_args(argv)
+        args.gin_bindings = list(args.gin_bindings) + dot
+        return run(args)
+    except CPM2Error as err:
+        print(f"eval: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Training losses, computed in float32 whatever the model's dtype.
+
+The language-model loss is token cross-entropy with loss weights (padding and packed
+gaps weigh 0) and T5's z-loss, which keeps the softmax normaliser near 1:
+
+    loss_i = -sum_v q_iv log p_iv + z * (log Z_i)^2,   p = softmax(logits), Z = sum_v exp(logits)
+
+`q` is the one-hot target, optionally label-smoothed. The knowledge-inheritance loss
+(teacher logits mixed in, CPM2_FACTS "Knowledge inheritance") belongs in this module too.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def smoothed_targets(targets: jax.Array, vocab_size: int, label_smoothing: float = 0.0) -> jax.Array:
+    """One-hot targets [..., vocab]; with smoothing e: 1-e on the target, e/(V-1) elsewhere."""
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / max(vocab_size - 1, 1)
+    one_hot = jax.nn.one_hot(targets, vocab_size, dtype=jnp.float32)
+    return one_hot * (confidence - low) + low
+
+
+def cross_entropy_with_logits(logits: jax.Array, soft_targets: jax.Array, z_loss: float = 0.0
+                              ) -> tuple[jax.Array, jax.Array]:
+    """Per-token loss and its z-loss part: (-sum_v q log softmax(x) + z (log Z)^2, z (log Z)^2).
+
+    Float32 throughout; log Z is the log-sum-exp of the logits (stable: max subtracted)."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_softmax = logits - log_z[..., None]
+    loss = -jnp.sum(soft_targets * log_softmax, axis=-1)
+    z_part = z_loss * jnp.square(log_z)
+    return loss + z_part, z_part
+
+
+def hard_cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """`cross_entropy_with_logits` for one-hot targets, without materialising the one-hot
+    [..., vocab] tensor: -log p_target = log Z - x_target (a gather instead of a product)."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    z_part = z_loss * jnp.square(log_z)
+    return log_z - target_logit + z_part, z_part
+
+
+def smoothing_constant(vocab_size: int, label_smoothing: float) -> float:
+    """The entropy of the smoothed target distribution: subtracting it makes a perfect
+    prediction cost 0 (reported loss comparable with and without smoothing)."""
+    if label_smoothing <= 0.0:
+        return 0.0
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / max(vocab_size - 1, 1)
+    return -(confidence * jnp.log(confidence) + (vocab_size - 1) * low * jnp.log(low + 1e-20))
+
+
+def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: Optional[jax.Array] = None, *,
+                           label_smoothing: float = 0.0, z_loss: float = 0.0
+                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Summed (not averaged) weighted cross-entropy over all tokens.
+
+    Returns (loss_sum, z_loss_sum, weight_sum). The trainer divides by the weight sum of
+    the whole global batch, so gradient accumulation over micro-batches equals one big step.
+    """
+    vocab = logits.shape[-1]
+    if label_smoothing > 0.0:
+        soft = smoothed_targets(targets, vocab, label_smoothing)
+        loss, z_part = cross_entropy_with_logits(logits, soft, z_loss)
+        loss = loss - smoothing_constant(vocab, label_smoothing)
+    else:
+        loss, z_part = hard_cross_entropy(logits, targets, z_loss)
+    w = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+    return jnp.sum(loss * w), jnp.sum(z_part * w), jnp.sum(w)
+
+
+def weighted_correct(logits: jax.Array, targets: jax.Array, weights: Optional[jax.Array] = None) -> jax.Array:
+    """Weighted count of tokens whose argmax prediction is the target (accuracy numerator)."""
+    hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return jnp.sum(hit if weights is None else hit * weights.astype(jnp.float32))

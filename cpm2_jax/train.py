@@ -1,0 +1,297 @@
+"""The training binary: `python -m cpm2_jax.train` / `cpm2 train`, t5x-style.
+
+    python -m cpm2_jax.train --gin_file=models/tiny.gin --gin_file=runs/pretrain.gin \\
+        --gin.MIXTURE_OR_TASK_NAME="'cpm2_pretrain_zh'" --gin.TASK_FEATURE_LENGTHS="{'inputs': 128, 'targets': 32}" \\
+        --gin.TRAIN_STEPS=1000 --gin.MODEL_DIR="'/tmp/cpm2_run'"
+
+`train()` is one keyword-only function; gin configures it at the edge (`main`). A run
+restarted with the same MODEL_DIR resumes from its latest checkpoint, data position
+included, and reaches bit-identical parameters to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+
+from cpm2_jax import checkpoints as ckpt_lib
+from cpm2_jax import datasets, gin_utils
+from cpm2_jax.config import ModelConfig
+from cpm2_jax.errors import ConfigError
+from cpm2_jax.metrics_writer import MetricsWriter, ProgressBar
+from cpm2_jax.partitioning import make_mesh
+from cpm2_jax.trainer import Trainer, TrainerConfig, TrainingDivergedError
+
+
+def _require(**values) -> None:
+    missing = [name for name, value in values.items() if gin_utils.is_required(value) or value is None]
+    if missing:
+        raise ConfigError(f"train: required argument(s) not set: {', '.join(missing)} (gin: train.{missing[0]} "
+                          f"or the run file's macro)")
+
+
+def default_mesh_shape() -> dict[str, int]:
+    return {"data": jax.device_count()}
+
+
+def build_mesh(mesh_shape: Optional[Mapping[str, int]]):
+    return make_mesh(dict(mesh_shape) if mesh_shape else default_mesh_shape())
+
+
+def initial_state(trainer: Trainer, ckpts: ckpt_lib.Checkpoints, checkpoint_cfg: ckpt_lib.CheckpointConfig,
+                  model_config: ModelConfig, log: Callable[[str], None]):
+    """The latest checkpoint of this run, else a partial restore from
+    `checkpoint_cfg.restore_from`, else a fresh initialisation."""
+    latest = ckpts.latest_step()
+    if latest is not None:
+        state, _, _ = ckpts.restore(latest, trainer.abstract_state(), model_config=dataclasses.asdict(model_config))
+        log(f"resumed from checkpoint step {latest} in {ckpts.directory}")
+        return state
+    if checkpoint_cfg.restore_from:
+        params, plan = ckpt_lib.restore_partial(
+            checkpoint_cfg.restore_from, trainer.abstract_params(), lambda: trainer.init_state().params,
+            assignment_map=checkpoint_cfg.assignment_map, fallback_to_scratch=checkpoint_cfg.fallback_to_scratch)
+        loaded = sum(s is not None for s in plan.values())
+        log(f"initialised {loaded} of {len(plan)} parameters from {checkpoint_cfg.restore_from}, the rest fresh")
+        return trainer.state_from_params(params)
+    return trainer.init_state()
+
+
+def _finite(metrics: Mapping[str, float]) -> bool:
+    return all(math.isfinite(float(v)) for v in metrics.values())
+
+
+def train(*, model_config: ModelConfig, train_dataset_cfg: datasets.DatasetConfig, model_dir: str, train_steps: int,
+          trainer_cfg: TrainerConfig = TrainerConfig(),
+          checkpoint_cfg: ckpt_lib.CheckpointConfig = ckpt_lib.CheckpointConfig(),
+          eval_dataset_cfg: Optional[datasets.DatasetConfig] = None, eval_period: int = 0, eval_steps: int = 20,
+          mesh_shape: Optional[Mapping[str, int]] = None, log_period: int = 10,
+          get_dataset_fn: Callable[..., Any] = datasets.get_dataset, progress: bool = True,
+          gin_config_str: str = "") -> dict[str, Any]:
+    """Trains for `train_steps` optimiser steps in total (resuming counts earlier steps),
+    saving checkpoints to `<model_dir>/checkpoints` and metrics to `<model_dir>` (TensorBoard
+    `train/`, `validation/`, and metrics.jsonl). Returns the final step, metrics and checkpoint."""
+    _require(model_config=model_config, train_dataset_cfg=train_dataset_cfg, model_dir=model_dir,
+             train_steps=train_steps)
+    if train_steps < 0:
+        raise ConfigError(f"TRAIN_STEPS must be >= 0, got {train_steps}")
+    model_dir = pathlib.Path(model_dir).expanduser().absolute()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if gin_config_str and jax.process_index() == 0:
+        (model_dir / "config.gin").write_text(gin_config_str)
+    mesh = build_mesh(mesh_shape)
+    trainer = Trainer(model_config, trainer_cfg, mesh, total_steps=train_steps)
+    trainer.check_batch_size(train_dataset_cfg.batch_size)
+    if eval_dataset_cfg is not None:
+        trainer.check_batch_size(eval_dataset_cfg.batch_size)
+    ckpts = ckpt_lib.Checkpoints(model_dir / "checkpoints", keep=checkpoint_cfg.keep,
+                                 async_save=checkpoint_cfg.async_save)
+    # The data comes first: a bad task name fails before anything compiles.
+    latest = ckpts.latest_step()
+    data_step = int(ckpts.read_json(latest, "data").get("step", latest)) if latest is not None else 0
+    shard = dict(shard_index=jax.process_index(), num_shards=jax.process_count())
+    batches = get_dataset_fn(train_dataset_cfg, start_step=data_step, **shard)
+    bar = ProgressBar(0, train_steps, enabled=False)  # replaced once the start step is known
+    state = initial_state(trainer, ckpts, checkpoint_cfg, model_config, bar.write)
+    start = int(jax.device_get(state.step))
+    writer = MetricsWriter(model_dir)
+    bar = ProgressBar(start, train_steps, enabled=progress)
+    record = ckpt_lib.config_record(model_config, gin_config_str,
+                                    {"train_dataset": _jsonable(dataclasses.asdict(train_dataset_cfg))})
+
+    def run_eval(params, step) -> dict[str, float]:
+        source = get_dataset_fn(eval_dataset_cfg, start_step=0, **shard)
+        taken = []
+        for _ in range(eval_steps):
+            try:
+                taken.append(next(source))
+            except StopIteration:
+                break
+        _close(source)
+        if not taken:
+            raise ConfigError(f"the {eval_dataset_cfg.split!r} split of {eval_dataset_cfg.mixture_or_task_name!r} "
+                              f"gave no batch of {eval_dataset_cfg.batch_size} examples; use a smaller eval batch "
+                              f"size or another split, or set eval_dataset_cfg = None")
+        result = trainer.evaluate(params, taken)
+        del source
+        gc.collect()
+        writer.write(step, result, prefix="validation")
+        bar.write(f"step {step}: validation loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}")
+        return result
+
+    pending: list[tuple[int, dict, int]] = []
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def flush() -> None:
+        """Fetches pending step metrics, stops on NaN/Inf, writes them."""
+        nonlocal clock, last_train
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m, _ in pending])
+        now = time.perf_counter()
+        tokens_per_s = sum(t for _, _, t in pending) / max(now - clock, 1e-9)
+        clock = now
+        for (step, _, _), metrics in zip(pending, fetched):
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if not _finite(metrics):
+                pending.clear()
+                ckpts.wait()
+                good = ckpts.latest_step()
+                kept = (f"the last good checkpoint, step {good}, is kept in {ckpts.directory}" if good is not None
+                        else "no checkpoint had been written yet")
+                bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+                raise TrainingDivergedError(
+                    f"training diverged at step {step}: {bad} is not finite; stopped without saving, {kept}. "
+                    f"Lower the learning rate (OptimizerConfig.learning_rate), lengthen the warm-up, keep gradient "
+                    f"clipping on, or use float32 compute, then rerun to resume from that checkpoint.")
+            metrics["tokens_per_s"] = tokens_per_s * jax.process_count()
+            writer.write(step, metrics, prefix="train")
+            last_train = metrics
+        bar.update(len(pending), last_train)
+        pending.clear()
+        writer.flush()
+
+    def save(current) -> None:
+        flush()
+        ckpts.save(current, data_state=batches.state(), config=record)
+
+    try:
+        for step in range(start, train_steps):
+            local = next(batches)
+            state, metrics = trainer.train_step(state, trainer.shard_batch(local))
+            done = step + 1
+            pending.append((done, metrics, datasets.batch_tokens(local)))
+            if len(pending) >= max(log_period, 1):
+                flush()
+            if checkpoint_cfg.period and done % checkpoint_cfg.period == 0 and done != train_steps:
+                save(state)
+            if eval_dataset_cfg is not None and eval_period and done % eval_period == 0:
+                flush()
+                last_eval = run_eval(state.params, done)
+        flush()
+        final_step = int(jax.device_get(state.step))
+        ckpts.save(state, data_state=batches.state(), config=record)
+        if eval_dataset_cfg is not None and (not eval_period or final_step % eval_period or final_step == start):
+            last_eval = run_eval(state.params, final_step)
+        ckpts.wait()
+    finally:
+        bar.close()
+        writer.close()
+        ckpts.close()
+        # Drop the data iterator now: a tf.data generator iterator finalised during interpreter
+        # shutdown can hang the process after training has finished.
+        _close(batches)
+        del batches
+        gc.collect()
+    return {"step": final_step, "train": last_train, "validation": last_eval,
+            "checkpoint": str(ckpts.step_dir(final_step)), "model_dir": str(model_dir),
+            "start_step": start}
+
+
+def _close(source) -> None:
+    close = getattr(source, "close", None)
+    if callable(close):
+        close()
+
+
+def _jsonable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+# ------------------------------------------------------------------------------ the edge
+_GIN_TRAIN = None
+
+
+def configurable_train():
+    """`train` registered with gin (once) as `cpm2_jax.train.train`: the run files bind it."""
+    global _GIN_TRAIN
+    if _GIN_TRAIN is None:
+        import gin
+
+        _GIN_TRAIN = gin.external_configurable(train, name="train", module="cpm2_jax.train")
+    return _GIN_TRAIN
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    from cpm2_jax import distributed
+
+    gin_utils.add_gin_flags(parser)
+    distributed.add_flags(parser)
+    parser.add_argument("--no_progress", action="store_true", help="no console progress bar")
+
+
+def run(args) -> int:
+    """Parses gin, starts multi-host if asked, trains; prints the summary as one JSON line."""
+    import json
+
+    import gin
+
+    from cpm2_jax import distributed
+
+    distributed.initialize_from_args(args)
+    entry = configurable_train()
+    gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
+    gin_utils.check_required_macros("train")
+    config_text = gin.config_str()
+    summary = _call_gin(entry, progress=not args.no_progress, gin_config_str=config_text)
+    if jax.process_index() == 0:
+        out = pathlib.Path(summary["model_dir"])
+        (out / "operative_config.gin").write_text(gin.operative_config_str())
+        print(json.dumps({k: v for k, v in summary.items()}, default=float))
+    return 0
+
+
+def _call_gin(entry, **kwargs):
+    """Calls a gin-configured entry; gin's own errors for a bad binding become ConfigErrors."""
+    from cpm2_jax.errors import CPM2Error
+
+    try:
+        return entry(**kwargs)
+    except CPM2Error as err:
+        # gin appends "In call to configurable ..." lines; keep the one paragraph.
+        text = "\n".join(line for line in str(err).splitlines() if not line.startswith("  In call to"))
+        # gin re-raises a subclass ("ExceptionProxy") of the original; raise the original class.
+        original = next(c for c in type(err).__mro__
+                        if "ExceptionProxy" not in getattr(vars(c).get("__init__"), "__qualname__", ""))
+        raise original(text) from None
+    except TypeError as err:
+        if "missing" in str(err) and "required" in str(err):
+            raise ConfigError(f"{err}; bind it in a run file or with --gin.NAME=value") from None
+        raise
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from cpm2_jax.errors import CPM2Error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m cpm2_jax.train", description=__doc__.splitlines()[0])
+    add_flags(parser)
+    try:
+        argv, dot = gin_utils.split_gin_dot_flags(argv)
+        args = parser.parse_args(argv)
+        args.gin_bindings = list(args.gin_bindings) + dot
+        return run(args)
+    except CPM2Error as err:
+        print(f"train: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.exit(main())

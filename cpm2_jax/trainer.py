@@ -1,0 +1,286 @@
+"""The jitted train and eval steps of CPM-2 under a device mesh.
+
+Parameters and optimiser state are sharded by the partition rules (`partitioning`); the
+batch is split over the data-parallel mesh axes (`data`, and `expert` when the mesh has
+one). One train step = one optimiser update on the global batch; with gradient
+accumulation the batch is cut into micro-batches inside the step (`lax.scan`) and the
+summed gradient equals the one of the whole batch, because the loss is normalised by the
+global weight sum:
+
+    L = (sum_tokens w_i * loss_i) / (sum_tokens w_i) + aux       (aux: MoE losses, if any)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Optional, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from cpm2_jax import losses, optim
+from cpm2_jax.config import ModelConfig
+from cpm2_jax.errors import ConfigError, CPM2Error, ShardingError
+from cpm2_jax.model import EncoderDecoder
+from cpm2_jax.partitioning import (logical_specs, mesh_specs, optimizer_state_specs, rules_for_mesh,
+                                   shardings_for)
+from cpm2_jax.train_state import TrainState
+
+# Model inputs a batch may carry (t5x feature names); anything else in a batch is ignored.
+MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+                  "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
+REQUIRED_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
+
+
+class TrainingDivergedError(CPM2Error, FloatingPointError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@gin.configurable(module="cpm2_jax.trainer")
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """How the step trains: optimiser, loss options, accumulation, trainable subset, seed.
+
+    `trainable`: regexes over parameter paths ('encoder/prompt/.*'); None trains everything.
+    `seed` seeds parameter initialisation and dropout (dropout key = fold_in(seed, step)).
+    """
+
+    optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
+    z_loss: float = 1e-4
+    label_smoothing: float = 0.0
+    grad_accum_steps: int = 1
+    trainable: Optional[Sequence[str]] = None
+    seed: int = 0
+
+
+def _apply_model(model: nn.Module, config: ModelConfig, params, batch: Mapping[str, jax.Array], *,
+                 enable_dropout: bool, dropout_rng=None):
+    """Logits and the summed MoE auxiliary losses (0 for a dense model)."""
+    inputs = {k: batch[k] for k in MODEL_FEATURES if k in batch}
+    rngs = {"dropout": dropout_rng} if enable_dropout else None
+    if config.is_moe:
+        logits, sown = model.apply({"params": params}, **inputs, enable_dropout=enable_dropout, rngs=rngs,
+                                   mutable=["aux_loss"])
+        aux_leaves = jax.tree_util.tree_leaves(sown.get("aux_loss", {}))
+        aux = sum((jnp.sum(x.astype(jnp.float32)) for x in aux_leaves), jnp.zeros((), jnp.float32))
+        return logits, aux
+    logits = model.apply({"params": params}, **inputs, enable_dropout=enable_dropout, rngs=rngs)
+    return logits, jnp.zeros((), jnp.float32)
+
+
+def _loss_weights(batch) -> jax.Array:
+    """decoder_loss_weights, else 1 wherever the target is not padding (id 0)."""
+    if "decoder_loss_weights" in batch:
+        return batch["decoder_loss_weights"].astype(jnp.float32)
+    return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+
+
+class Trainer:
+    """Builds sharded train state and compiled steps for one model, optimiser and mesh."""
+
+    def __init__(self, model_config: ModelConfig, config: TrainerConfig, mesh: jax.sharding.Mesh, *,
+                 total_steps: int = 0, rules=None):
+        if config.grad_accum_steps < 1:
+            raise ConfigError(f"grad_accum_steps must be >= 1, got {config.grad_accum_steps}")
+        self.model_config = model_config
+        self.config = config
+        self.mesh = mesh
+        self.rules = rules_for_mesh(mesh.axis_names) if rules is None else rules
+        self.model = EncoderDecoder(model_config)
+        self.tx, self.schedule = config.optimizer.build(total_steps)
+
+        with self._contexts():
+            boxed = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))
+        shardings = shardings_for(boxed, mesh, self.rules)
+        self.param_shardings = shardings["params"]
+        param_shapes = nn.unbox(boxed)["params"]
+        param_specs = mesh_specs(logical_specs(boxed), self.rules)["params"]
+        self.mask = optim.trainable_mask(param_shapes, config.trainable)
+        opt_shapes = jax.eval_shape(lambda p: self.tx.init(optim.trainable_subtree(p, self.mask)), param_shapes)
+        opt_specs = optimizer_state_specs(opt_shapes, param_shapes, param_specs)
+        opt_shardings = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), opt_specs,
+                                               is_leaf=lambda x: isinstance(x, PartitionSpec))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.state_shardings = TrainState(step=self.replicated, params=self.param_shardings,
+                                          opt_state=opt_shardings)
+        self._state_shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=param_shapes,
+                                        opt_state=opt_shapes)
+
+        batch_rule = dict(self.rules).get("batch")
+        self.batch_axes = batch_rule if isinstance(batch_rule, tuple) else ((batch_rule,) if batch_rule else ())
+        self.data_parallel_size = math.prod(mesh.shape[a] for a in self.batch_axes)
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec(self.batch_axes or None))
+        self._train_step = jax.jit(self._train_step_impl, in_shardings=(self.state_shardings, self.batch_sharding),
+                                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+        self._eval_step = jax.jit(self._eval_step_impl, in_shardings=(self.param_shardings, self.batch_sharding),
+                                  out_shardings=self.replicated)
+
+    # ----------------------------------------------------------------- set-up helpers
+    def _contexts(self):
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def _init_variables(self, rng):
+        ones = jnp.ones((1, 8), jnp.int32)
+        return self.model.init(rng, ones, ones)
+
+    def init_state(self, rng: Optional[jax.Array] = None) -> TrainState:
+        """A fresh state, every array created directly in its final sharding."""
+        rng = jax.random.PRNGKey(self.config.seed) if rng is None else rng
+
+        def init(key):
+            params = nn.unbox(self._init_variables(key))["params"]
+            return TrainState.create(params, self.tx, self.mask)
+
+        with self._contexts():
+            return jax.jit(init, out_shardings=self.state_shardings)(rng)
+
+    def state_from_params(self, params) -> TrainState:
+        """A step-0 state around given parameters (partial restores, fine-tuning starts)."""
+        def build(p):
+            return TrainState.create(p, self.tx, self.mask)
+
+        with self._contexts():
+            return jax.jit(build, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings)(params)
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs carrying the target shardings: the restore target for orbax."""
+        return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                      self._state_shapes, self.state_shardings)
+
+    def abstract_params(self):
+        return self.abstract_state().params
+
+    # ----------------------------------------------------------------- batches
+    def check_batch_size(self, global_batch_size: int) -> None:
+        """The global batch must split evenly over the data-parallel devices and micro-batches."""
+        ways = self.data_parallel_size * self.config.grad_accum_steps
+        if global_batch_size % ways:
+            axes = "x".join(self.batch_axes) or "none"
+            accum = self.config.grad_accum_steps
+            extra = f" x grad_accum_steps {accum}" if accum > 1 else ""
+            raise ShardingError(
+                f"global batch size {global_batch_size} is not divisible by the data-parallel size "
+                f"{self.data_parallel_size} (mesh axes {axes} of mesh {dict(self.mesh.shape)}){extra}; "
+                f"use a batch size that is a multiple of {ways}, or change the mesh")
+
+    def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows -> global arrays sharded over the batch axes (multi-host safe)."""
+        missing = [k for k in REQUIRED_FEATURES if k not in local_batch]
+        if missing:
+            raise ConfigError(f"batch lacks feature(s) {missing}; it has {sorted(local_batch)}")
+        rows = next(iter(local_batch.values())).shape[0]
+        self.check_batch_size(rows * jax.process_count())
+        keep = [k for k in (*MODEL_FEATURES, "decoder_loss_weights") if k in local_batch]
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_batch[k]))
+                for k in keep}
+
+    # ----------------------------------------------------------------- steps
+    def _micro_batches(self, batch):
+        """[B, ...] -> [A, B/A, ...]: micro-batch i takes rows i, i+A, ... so every
+        micro-batch stays spread over all data-parallel devices."""
+        a = self.config.grad_accum_steps
+        spec = NamedSharding(self.mesh, PartitionSpec(None, self.batch_axes or None))
+
+        def split(x):
+            x = x.reshape((x.shape[0] // a, a) + x.shape[1:])
+            return jax.lax.with_sharding_constraint(jnp.swapaxes(x, 0, 1), spec)
+
+        return jax.tree_util.tree_map(split, batch)
+
+    def _train_step_impl(self, state: TrainState, batch):
+        cfg = self.config
+        accum = cfg.grad_accum_steps
+        total_weight = jnp.maximum(jnp.sum(_loss_weights(batch)), 1.0)
+        dropout_base = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), state.step)
+        enable_dropout = self.model_config.dropout_rate > 0
+        trainable = optim.trainable_subtree(state.params, self.mask)
+
+        def objective(sub, micro, index):
+            params = optim.merge_subtree(state.params, self.mask, sub)
+            logits, aux = _apply_model(self.model, self.model_config, params, micro, enable_dropout=enable_dropout,
+                                       dropout_rng=jax.random.fold_in(dropout_base, index))
+            weights = _loss_weights(micro)
+            loss_sum, z_sum, _ = losses.weighted_cross_entropy(
+                logits, micro["decoder_target_tokens"], weights, label_smoothing=cfg.label_smoothing,
+                z_loss=cfg.z_loss)
+            correct = losses.weighted_correct(logits, micro["decoder_target_tokens"], weights)
+            value = loss_sum / total_weight + aux / accum
+            return value, {"loss_sum": loss_sum, "z_loss_sum": z_sum, "correct": correct, "aux_loss": aux / accum}
+
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        if accum == 1:
+            (_, sums), grads = grad_fn(trainable, batch, 0)
+        else:
+            def body(carry, xs):
+                grads_acc, sums_acc = carry
+                micro, index = xs
+                (_, sums), grads = grad_fn(trainable, micro, index)
+                return (jax.tree_util.tree_map(jnp.add, grads_acc, grads),
+                        jax.tree_util.tree_map(jnp.add, sums_acc, sums)), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+            zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "correct", "aux_loss")}
+            (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums),
+                                            (self._micro_batches(batch), jnp.arange(accum)))
+
+        updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
+        new_params = optim.merge_subtree(state.params, self.mask, optax.apply_updates(trainable, updates))
+        metrics = {
+            "loss": sums["loss_sum"] / total_weight + sums["aux_loss"],
+            "cross_entropy": (sums["loss_sum"] - sums["z_loss_sum"]) / total_weight,
+            "z_loss": sums["z_loss_sum"] / total_weight,
+            "aux_loss": sums["aux_loss"],
+            "accuracy": sums["correct"] / total_weight,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": jnp.asarray(self.schedule(state.step), jnp.float32),
+            "nonpadding_tokens": total_weight,
+        }
+        return TrainState(step=state.step + 1, params=new_params, opt_state=opt_state), metrics
+
+    def _eval_step_impl(self, params, batch):
+        logits, _ = _apply_model(self.model, self.model_config, params, batch, enable_dropout=False)
+        weights = _loss_weights(batch)
+        loss_sum, z_sum, weight_sum = losses.weighted_cross_entropy(
+            logits, batch["decoder_target_tokens"], weights, z_loss=0.0)
+        return {"loss_sum": loss_sum, "weight_sum": weight_sum,
+                "correct": losses.weighted_correct(logits, batch["decoder_target_tokens"], weights)}
+
+    def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
+        """One optimiser update; `state` is donated. Metrics stay on device (no host sync)."""
+        with self._contexts():
+            return self._train_step(state, dict(batch))
+
+    def lower_train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+        """The lowered train step (for XLA's cost analysis: FLOPs and bytes of one step)."""
+        with self._contexts():
+            return self._train_step.lower(state, dict(batch))
+
+    def eval_step(self, params, batch: Mapping[str, jax.Array]) -> dict:
+        """Summed validation loss (no z-loss), weight and correct-token count of one batch."""
+        with self._contexts():
+            return self._eval_step(params, dict(batch))
+
+    def evaluate(self, params, batches) -> dict[str, float]:
+        """Token-weighted loss and accuracy over an iterable of local numpy batches."""
+        totals = {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}
+        count = 0
+        for local in batches:
+            out = jax.device_get(self.eval_step(params, self.shard_batch(local)))
+            for k in totals:
+                totals[k] += float(out[k])
+            count += 1
+        if count == 0 or totals["weight_sum"] == 0:
+            raise ConfigError("evaluation saw no batches (or no target tokens): is the split empty?")
+        return {"loss": totals["loss_sum"] / totals["weight_sum"],
+                "accuracy": totals["correct"] / totals["weight_sum"],
+                "tokens": totals["weight_sum"], "batches": count}

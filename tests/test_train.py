@@ -1,0 +1,152 @@
+"""The training binary: exact resume after SIGKILL, operative config, and bad input."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cpm2_jax import train as train_bin
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RUN = ["--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin", "--gin_file=tests/gin/byte_pairs.gin",
+       "--gin.TRAIN_STEPS=24", "--gin.BATCH_SIZE=8", "--gin.CHECKPOINT_PERIOD=8", "--gin.EVAL_PERIOD=0",
+       "--gin.EVAL_STEPS=2", "--gin.WARMUP_STEPS=10", "--gin.LEARNING_RATE=3e-3",
+       "--gin.cpm2_jax.model_config.dropout_rate=0.1",  # dropout keys must replay exactly too
+       "--gin.cpm2_jax.train.train.log_period=1", "--no_progress"]
+
+
+def _env(tmp_path, **extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2"
+                         " --xla_cpu_collective_call_terminate_timeout_seconds=900",
+               TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(extra)
+    return env
+
+
+def _start(model_dir, env):
+    return subprocess.Popen([sys.executable, "-m", "cpm2_jax.train", *RUN, f"--gin.MODEL_DIR='{model_dir}'"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process):
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out[-3000:]
+    return out
+
+
+def _metrics(model_dir):
+    """{(split, step): metrics} from metrics.jsonl, the last record of each step winning."""
+    out, seen = {}, {}
+    for line in (model_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        key = (record.pop("split"), record.pop("step"))
+        record.pop("tokens_per_s", None)  # wall-clock: the one metric allowed to differ
+        seen[key] = seen.get(key, 0) + 1
+        out[key] = record
+    return out, seen
+
+
+def _final_params(model_dir):
+    tree = ocp.PyTreeCheckpointer().restore(model_dir / "checkpoints" / "24" / "state")
+    leaves = __import__("jax").tree_util.tree_flatten_with_path(tree["params"])[0]
+    return {str(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    pause = tmp_path / "paused"
+    uninterrupted = _start(straight, _env(tmp_path))
+    # The killed run's data iterator hangs before batch 13: 13 steps trained, step 8 saved.
+    victim = _start(killed, _env(tmp_path, CPM2_TEST_PAUSE_AT_STEP="13", CPM2_TEST_PAUSE_FILE=str(pause)))
+    deadline = time.time() + 240
+    while not (pause.exists() and (killed / "checkpoints" / "8").is_dir()) and victim.poll() is None:
+        assert time.time() < deadline, "the run never reached step 13"
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    resumed_out = _finish(_start(killed, _env(tmp_path)))
+    _finish(uninterrupted)
+
+    assert "resumed from checkpoint step 8" in resumed_out
+    a, _ = _metrics(straight)
+    b, seen = _metrics(killed)
+    assert seen[("train", 12)] == 2 and seen[("train", 13)] == 2  # really killed after step 13
+    assert sorted(a) == sorted(b) and ("validation", 24) in a
+    for key in a:
+        assert a[key] == b[key], key  # exact float equality: bit-identical metrics
+    pa, pb = _final_params(straight), _final_params(killed)
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        np.testing.assert_array_equal(pa[name], pb[name], err_msg=name)
+    assert "TRAIN_STEPS = 24" in (straight / "config.gin").read_text()
+    operative = (straight / "operative_config.gin").read_text()
+    assert "# Parameters for train:" in operative and "TRAIN_STEPS = 24" in operative
+
+
+def _main(args, capsys):
+    code = train_bin.main(args)
+    return code, capsys.readouterr().err
+
+
+def test_missing_required_macros_are_named(capsys):
+    code, err = _main(["--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin"], capsys)
+    assert code == 2
+    assert "required gin macro(s) not set: MIXTURE_OR_TASK_NAME, MODEL_DIR, TASK_FEATURE_LENGTHS, TRAIN_STEPS" in err
+    assert "--gin.MODEL_DIR=" in err and "Traceback" not in err
+
+
+def test_unknown_gin_names_suggest_the_closest(capsys, tmp_path):
+    base = ["--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin", "--gin_file=tests/gin/byte_pairs.gin",
+            "--gin.TRAIN_STEPS=1", f"--gin.MODEL_DIR='{tmp_path}'"]
+    code, err = _main(base + ["--gin.cpm2_jax.trainer.TrainerConfig.z_los=0.1"], capsys)
+    assert code == 2 and "did you mean 'z_loss'" in err
+    code, err = _main(base + ["--gin.cpm2_jax.optim.OptimiserConfig.name='sgd'"], capsys)
+    assert code == 2 and "did you mean 'OptimizerConfig'" in err
+
+
+def test_unknown_task_suggests_the_closest(capsys, tmp_path):
+    code, err = _main(["--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin", "--gin.TRAIN_STEPS=1",
+                       f"--gin.MODEL_DIR='{tmp_path}'", "--gin.MIXTURE_OR_TASK_NAME='cpm2_pretrain_zhh'",
+                       "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"], capsys)
+    assert code == 2 and "unknown task or mixture 'cpm2_pretrain_zhh'" in err
+    assert "did you mean 'cpm2_pretrain_zh'" in err
+
+
+def test_finetune_run_file_binds_the_start_checkpoint():
+    import gin
+
+    from cpm2_jax import gin_utils
+    from cpm2_jax.checkpoints import CheckpointConfig
+    from cpm2_jax.datasets import DatasetConfig
+    from cpm2_jax.errors import ConfigError
+
+    train_bin.configurable_train()
+    macros = ["MIXTURE_OR_TASK_NAME = 'en_zh'", "TASK_FEATURE_LENGTHS = {'inputs': 8, 'targets': 8}",
+              "TRAIN_STEPS = 1", "MODEL_DIR = '/tmp/ft'"]
+    try:
+        with pytest.raises(ConfigError, match="not set: INITIAL_CHECKPOINT_PATH"):
+            gin_utils.parse_gin(["models/tiny.gin", "runs/finetune.gin"], macros)
+        gin_utils.parse_gin(["models/tiny.gin", "runs/finetune.gin"],
+                            macros + ["INITIAL_CHECKPOINT_PATH = '/tmp/pre/checkpoints'"])
+        assert CheckpointConfig().restore_from == "/tmp/pre/checkpoints"
+        assert gin_utils.model_config().dropout_rate == 0.1
+        with gin.config_scope("train"):
+            assert DatasetConfig().pack is False
+    finally:
+        gin.clear_config()
+
+
+def test_cpm2_train_cli_reports_bad_input_in_one_line(capsys):
+    from cpm2_jax import cli
+
+    assert cli.main(["train", "--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cpm2 train: error: ") and "MODEL_DIR" in err and "Traceback" not in err
