@@ -11,6 +11,11 @@ from typing import Optional
 from cpm2_jax.errors import ConfigError, closest
 
 
+# Feed-forward activations and the weight names of their blocks (dense and per expert).
+FFN_WEIGHTS = {"gated_gelu": ("wi_0", "wi_1", "wo"), "relu": ("wi", "wo")}
+FFN_ACTIVATIONS = tuple(FFN_WEIGHTS)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Every dimension and switch of the dense (and, with `num_experts`, MoE) model."""
@@ -35,6 +40,11 @@ class ModelConfig:
     # from cpm2_jax.model.transformer.REMAT_POLICIES ("none", "full", "dots", ...).
     scan_layers: bool = False
     remat_policy: str = "none"
+    # Architecture switches for other T5-family checkpoints (defaults are CPM-2's): the FFN
+    # "gated_gelu" (wi_0, wi_1, wo) or "relu" (wi, wo, Switch / T5 v1.0); a tied output head,
+    # logits = (x * d_model**-0.5) . embedding^T, instead of the untied `logits_dense`.
+    ffn_activation: str = "gated_gelu"
+    tie_word_embeddings: bool = False
     # Mixture of experts (0 = dense). Filled in by the MoE configs.
     num_experts: int = 0
     moe_router: str = "balanced"
@@ -49,6 +59,15 @@ class ModelConfig:
     moe_z_loss_weight: float = 1e-3
     moe_jitter: float = 0.0
     moe_eval_argmax: bool = True
+    # (Switch interop) layer i of a stack is MoE when step == 1 or i % step == 1 (transformers'
+    # SwitchTransformers rule; 0 = no MoE layer in that stack); per-expert RMSNorm scales (CPM-2)
+    # or one shared pre-norm before router and experts (Switch); a router bias; a fixed number
+    # of slots per expert and routing group (> 0 overrides moe_capacity_factor).
+    moe_encoder_sparse_step: int = 1
+    moe_decoder_sparse_step: int = 1
+    moe_expert_norm: bool = True
+    moe_router_bias: bool = False
+    moe_expert_capacity: int = 0
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "d_ff", "num_heads", "head_dim",
@@ -59,6 +78,9 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.param_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"ModelConfig.param_dtype must be float32 or bfloat16, got {self.param_dtype!r}")
+        if self.ffn_activation not in FFN_ACTIVATIONS:
+            raise ConfigError(f"ModelConfig.ffn_activation must be one of {', '.join(FFN_ACTIVATIONS)}, "
+                              f"got {self.ffn_activation!r}")
         if self.num_experts < 0:
             raise ConfigError(f"ModelConfig.num_experts must be >= 0 (0 = dense), got {self.num_experts}")
         if self.is_moe:
@@ -69,6 +91,11 @@ class ModelConfig:
                                   f"got {self.moe_top_k}")
             if self.moe_group_size < 0 or not 0 <= self.moe_jitter < 1:
                 raise ConfigError("ModelConfig.moe_group_size must be >= 0 and moe_jitter in [0, 1)")
+            if min(self.moe_encoder_sparse_step, self.moe_decoder_sparse_step, self.moe_expert_capacity) < 0:
+                raise ConfigError("ModelConfig.moe_{encoder,decoder}_sparse_step and moe_expert_capacity must be >= 0")
+            if self.scan_layers and (self.moe_encoder_sparse_step > 1 or self.moe_decoder_sparse_step > 1):
+                raise ConfigError("scan_layers=True needs identical layers: MoE in every layer or none "
+                                  "(moe_encoder_sparse_step / moe_decoder_sparse_step 0 or 1)")
 
     def replace(self, **changes) -> "ModelConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -81,6 +108,11 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    def is_moe_layer(self, stack: str, index: int) -> bool:
+        """Whether layer `index` of `stack` ("encoder" | "decoder") holds an MoE block."""
+        step = self.moe_encoder_sparse_step if stack == "encoder" else self.moe_decoder_sparse_step
+        return self.is_moe and step > 0 and (step == 1 or index % step == 1)
 
 
 # The named sizes. `small` and `base` have mT5-small's / mT5-base's shapes with the bilingual

@@ -4,7 +4,9 @@
     cpm2 convert to-hf CKPT_DIR OUT_DIR [--dtype float32|bfloat16|float16]
 
 OUT_DIR of `from-hf` holds `model_config.json` + an orbax `params/` tree
-(`cpm2_jax.convert.native`); `to-hf` writes a transformers MT5 directory. Other conversions
+(`cpm2_jax.convert.native`); `from-hf` picks the converter from config.json's `model_type`
+(mt5 / t5 v1.1, switch_transformers); `to-hf` writes an MT5 directory, or a
+SwitchTransformers one for an MoE checkpoint. Other conversions
 (the MoE issue's `dense-to-moe`) add a module to `_CONVERSION_MODULES`, each defining
 `register(convert_subparsers)`.
 """
@@ -18,15 +20,17 @@ _CONVERSION_MODULES: list[str] = ["cpm2_jax.commands.dense_to_moe"]
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("convert", help="convert checkpoints (transformers MT5 <-> cpm2_jax)",
+    parser = subparsers.add_parser("convert", help="convert checkpoints (transformers MT5 / Switch <-> cpm2_jax)",
                                    description="Checkpoint conversions between transformers' "
-                                               "MT5ForConditionalGeneration and this project's params.")
+                                               "MT5ForConditionalGeneration or "
+                                               "SwitchTransformersForConditionalGeneration and this project's params.")
     sub = parser.add_subparsers(dest="conversion", metavar="CONVERSION")
     sub.required = True
 
-    p = sub.add_parser("from-hf", help="transformers MT5 directory -> cpm2_jax checkpoint",
-                       description="Reads config.json + safetensors (or pytorch_model.bin with "
-                                   "weights_only=True) and writes model_config.json + orbax params.")
+    p = sub.add_parser("from-hf", help="transformers MT5 / Switch directory -> cpm2_jax checkpoint",
+                       description="Reads config.json (its model_type picks the converter) + safetensors "
+                                   "(or pytorch_model.bin with weights_only=True) and writes "
+                                   "model_config.json + orbax params.")
     p.add_argument("hf_dir", help="transformers directory (config.json and model weights)")
     p.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
     p.add_argument("--scan_layers", action="store_true", help="stack layers for nn.scan (scan_layers=True)")
@@ -35,9 +39,10 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=run_from_hf)
 
-    p = sub.add_parser("to-hf", help="cpm2_jax checkpoint -> transformers MT5 directory",
+    p = sub.add_parser("to-hf", help="cpm2_jax checkpoint -> transformers MT5 / Switch directory",
                        description="Writes config.json + model.safetensors loadable by "
-                                   "MT5ForConditionalGeneration.from_pretrained.")
+                                   "MT5ForConditionalGeneration.from_pretrained (dense) or "
+                                   "SwitchTransformersForConditionalGeneration.from_pretrained (MoE).")
     p.add_argument("ckpt_dir", help="directory written by `cpm2 convert from-hf` (model_config.json + params/)")
     p.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -56,27 +61,30 @@ def _report(**fields) -> None:
 
 
 def _count(params) -> int:
-    from cpm2_jax.convert.hf_mt5 import flatten_params
+    from cpm2_jax.convert.native import flatten_params
 
     return sum(int(x.size) for x in flatten_params(params).values())
 
 
 def run_from_hf(args) -> int:
+    from cpm2_jax.convert import hf_converter
     from cpm2_jax.convert.atomic import check_writable
-    from cpm2_jax.convert.hf_mt5 import load_hf_checkpoint
+    from cpm2_jax.convert.hf_checkpoint import read_hf_config
     from cpm2_jax.convert.native import save_params
 
     check_writable(args.out_dir, args.overwrite)  # fail before the (possibly long) read
-    params, config = load_hf_checkpoint(args.hf_dir, scan_layers=args.scan_layers, param_dtype=args.dtype)
+    model_type = read_hf_config(args.hf_dir).get("model_type", "mt5")
+    converter = hf_converter(model_type)
+    params, config = converter.load_hf_checkpoint(args.hf_dir, scan_layers=args.scan_layers, param_dtype=args.dtype)
     save_params(params, config, args.out_dir, overwrite=args.overwrite)
-    _report(conversion="from-hf", source=str(args.hf_dir), output=str(args.out_dir), parameters=_count(params),
-            param_dtype=config.param_dtype, scan_layers=config.scan_layers)
+    _report(conversion="from-hf", source=str(args.hf_dir), output=str(args.out_dir), model_type=model_type,
+            parameters=_count(params), param_dtype=config.param_dtype, scan_layers=config.scan_layers)
     return 0
 
 
 def run_to_hf(args) -> int:
+    from cpm2_jax.convert import hf_converter_for
     from cpm2_jax.convert.atomic import check_writable
-    from cpm2_jax.convert.hf_mt5 import save_hf_checkpoint
     from cpm2_jax.convert.native import load_params
     from cpm2_jax.errors import ConfigError
 
@@ -84,8 +92,10 @@ def run_to_hf(args) -> int:
         raise ConfigError(f"--max_shard_bytes must be positive, got {args.max_shard_bytes}")
     check_writable(args.out_dir, args.overwrite)
     params, config = load_params(args.ckpt_dir)
-    save_hf_checkpoint(params, config, args.out_dir, overwrite=args.overwrite, dtype=args.dtype,
-                       max_shard_bytes=args.max_shard_bytes)
-    _report(conversion="to-hf", source=str(args.ckpt_dir), output=str(args.out_dir), parameters=_count(params),
+    converter = hf_converter_for(config)
+    converter.save_hf_checkpoint(params, config, args.out_dir, overwrite=args.overwrite, dtype=args.dtype,
+                                 max_shard_bytes=args.max_shard_bytes)
+    _report(conversion="to-hf", model_type=converter.config_to_hf(config)["model_type"], source=str(args.ckpt_dir),
+            output=str(args.out_dir), parameters=_count(params),
             dtype=args.dtype or config.param_dtype)
     return 0

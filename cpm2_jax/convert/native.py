@@ -11,6 +11,8 @@ import json
 import os
 import pathlib
 
+from typing import Any, Mapping
+
 import numpy as np
 
 from cpm2_jax.config import ModelConfig
@@ -19,6 +21,27 @@ from cpm2_jax.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+
+
+def flatten_params(params) -> dict[tuple[str, ...], Any]:
+    """Path tuple -> leaf of a params tree (boxed or not, frozen or not, or a `{"params": ...}`
+    variables dict)."""
+    import flax.linen as nn
+    from flax import traverse_util
+
+    params = nn.unbox(params)
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        params = params["params"]
+    if hasattr(params, "unfreeze"):
+        params = params.unfreeze()
+    return {tuple(str(k) for k in path): leaf for path, leaf in traverse_util.flatten_dict(params).items()}
+
+
+def nest_params(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    """The nested params tree of a {path tuple: leaf} dict (inverse of `flatten_params`)."""
+    from flax import traverse_util
+
+    return traverse_util.unflatten_dict(dict(flat))
 
 
 def config_to_json(config: ModelConfig) -> str:

@@ -58,3 +58,8 @@ class Embed(nn.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embedding, tokens, axis=0).astype(dtype_of(self.dtype))
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x . embedding^T: the tied output head (`ModelConfig.tie_word_embeddings`)."""
+        dtype = dtype_of(self.dtype)
+        return x.astype(dtype) @ self.embedding.astype(dtype).T

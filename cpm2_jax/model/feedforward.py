@@ -1,4 +1,5 @@
-"""Gated-GELU feed-forward: wo(gelu(wi_0 x) * wi_1 x) (CPM2_FACTS "Dense model").
+"""Gated-GELU feed-forward: wo(gelu(wi_0 x) * wi_1 x) (CPM2_FACTS "Dense model"); also the
+non-gated ReLU block wo(relu(wi x)) of Switch / T5 v1.0 (`ModelConfig.ffn_activation`).
 
 `gated_gelu` is a pure function of the activations and the three weight matrices, so an
 expert (MoE) is the same computation with its own weights passed in: the InfMoE runner can
@@ -13,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cpm2_jax.config import dtype_of
+from cpm2_jax.config import FFN_WEIGHTS, dtype_of
 from cpm2_jax.model.dense import Projection
 
 
@@ -36,10 +37,28 @@ def gated_gelu(x: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, *,
     return h @ wo.astype(dtype)
 
 
+def relu_ffn(x: jax.Array, wi: jax.Array, wo: jax.Array, *, dropout=None, dtype=None) -> jax.Array:
+    """y = relu(x wi) wo (Switch Transformers' DenseActDense); `dropout` on the hidden units."""
+    dtype = dtype or x.dtype
+    x = x.astype(dtype)
+    h = jax.nn.relu(x @ wi.astype(dtype))
+    if dropout is not None:
+        h = dropout(h)
+    return h @ wo.astype(dtype)
+
+
+def feed_forward(x: jax.Array, weights: dict, activation: str = "gated_gelu", *, dropout=None,
+                 dtype=None) -> jax.Array:
+    """The FFN named by `activation`, its weights by name (config.FFN_WEIGHTS)."""
+    fn = gated_gelu if activation == "gated_gelu" else relu_ffn
+    return fn(x, *(weights[name] for name in FFN_WEIGHTS[activation]), dropout=dropout, dtype=dtype)
+
+
 class MlpBlock(nn.Module):
-    """The dense feed-forward block: three bias-free matrices around a gated GELU."""
+    """The dense feed-forward block: bias-free matrices around a gated GELU (or a ReLU)."""
 
     d_ff: int
+    activation: str = "gated_gelu"
     dropout_rate: float = 0.0
     init_std: float = 0.001
     dtype: str = "float32"
@@ -51,12 +70,11 @@ class MlpBlock(nn.Module):
         d_model = x.shape[-1]
         init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ("embed", "mlp"))
         pdtype = dtype_of(self.param_dtype)
-        wi_0 = self.param("wi_0", init, (d_model, self.d_ff), pdtype)
-        wi_1 = self.param("wi_1", init, (d_model, self.d_ff), pdtype)
-        wo = self.param("wo", nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ("mlp", "embed")),
-                        (self.d_ff, d_model), pdtype)
+        weights = {name: self.param(name, init, (d_model, self.d_ff), pdtype)
+                   for name in FFN_WEIGHTS[self.activation][:-1]}
+        weights["wo"] = self.param("wo", nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
+                                                                      ("mlp", "embed")), (self.d_ff, d_model), pdtype)
         drop = nn.Dropout(self.dropout_rate)
-        y = gated_gelu(x, wi_0, wi_1, wo, dtype=dtype_of(self.dtype),
-                       dropout=lambda h: nn.with_logical_constraint(
-                           drop(h, deterministic=self.deterministic), ("batch", "length", "mlp")))
-        return y
+        return feed_forward(x, weights, self.activation, dtype=dtype_of(self.dtype),
+                            dropout=lambda h: nn.with_logical_constraint(
+                                drop(h, deterministic=self.deterministic), ("batch", "length", "mlp")))

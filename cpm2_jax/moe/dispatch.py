@@ -37,10 +37,15 @@ def _slots(routing: Routing) -> jax.Array:
     return jnp.where(routing.kept, routing.expert * routing.capacity + routing.position, ec)
 
 
-def _sum_over_tokens(y_assign: jax.Array, routing: Routing) -> jax.Array:
-    """[G, A, d] weighted assignment outputs -> [G, S, d] per-token sums."""
-    g, a, d = y_assign.shape
-    s = routing.group_size
+def _weighted_sum_over_tokens(y_assign: jax.Array, routing: Routing) -> jax.Array:
+    """[G*A, d] assignment outputs -> [G, S, d]: y_s = sum_a weight_a y_a.
+
+    The weighting runs on the 2-D [G*A, d] view: its gradient w.r.t. the weights is then a
+    row reduction that XLA:CPU vectorises (on a [G, A, d] view it was ~40x slower).
+    """
+    g, a = routing.token.shape
+    d, s = y_assign.shape[-1], routing.group_size
+    y_assign = (y_assign * routing.weight.reshape(g * a, 1).astype(y_assign.dtype)).reshape(g, a, d)
     if routing.token_major:
         return jnp.sum(y_assign.reshape(g, a // s, s, d), axis=1)
     return jax.vmap(lambda y, t: jax.ops.segment_sum(y, t, num_segments=s))(y_assign, routing.token)
@@ -76,8 +81,8 @@ def to_experts(x: jax.Array, routing: Routing, backend: str) -> ExpertRows:
         slot_token = jnp.full((g, e * c), s, jnp.int32)
         slot_token = jax.vmap(lambda st, sl, t: st.at[sl].set(t, mode="drop"))(slot_token, _slots(routing),
                                                                               routing.token)
-        padded = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)  # row S: an empty slot
-        rows = jnp.take_along_axis(padded, slot_token[..., None], axis=1)
+        # Empty slots hold the out-of-range index S and read zeros (no padded copy of x).
+        rows = jnp.take_along_axis(x, slot_token[..., None], axis=1, mode="fill", fill_value=0)
         return ExpertRows(rows=rows.reshape(g, e, c, d))
     if backend == "einsum":
         dispatch, _ = _one_hot_dispatch(routing, x.dtype)
@@ -89,15 +94,14 @@ def from_experts(y: ExpertRows, routing: Routing, backend: str) -> jax.Array:
     """Expert outputs (same layout as `to_experts`) -> [G, S, d]: y_s = sum_a weight_a y_a."""
     g, a = routing.token.shape
     if backend in RAGGED_BACKENDS:
-        d = y.rows.shape[-1]
-        y_assign = jnp.take(y.rows, y.inverse, axis=0).reshape(g, a, d)
-        return _sum_over_tokens(y_assign * routing.weight[..., None].astype(y_assign.dtype), routing)
+        return _weighted_sum_over_tokens(jnp.take(y.rows, y.inverse, axis=0), routing)
     e, c, d = y.rows.shape[-3:]
-    flat = y.rows.reshape(g, e * c, d)
     if backend == "padded":
-        padded = jnp.concatenate([flat, jnp.zeros((g, 1, d), flat.dtype)], axis=1)  # dropped -> zero row
-        y_assign = jnp.take_along_axis(padded, _slots(routing)[..., None], axis=1)
-        return _sum_over_tokens(y_assign * routing.weight[..., None].astype(y_assign.dtype), routing)
+        flat = y.rows.reshape(g, e * c, d)
+        # Per group (shardable); dropped assignments hold the out-of-range slot E*C and read zeros.
+        y_assign = jnp.take_along_axis(flat, _slots(routing)[..., None], axis=1, mode="fill", fill_value=0)
+        return _weighted_sum_over_tokens(y_assign.reshape(g * a, d), routing)
+    flat = y.rows.reshape(g, e * c, d)
     if backend == "einsum":
         _, combine = _one_hot_dispatch(routing, flat.dtype)
         return jnp.einsum("gsf,gfd->gsd", combine, flat)

@@ -7,7 +7,8 @@ pre-norm gated-GELU block with its own RMSNorm (CPM2_FACTS "Mixture of experts")
     h = gelu((rows*s_e) W0_e) * ((rows*s_e) W1_e);  out_e = h Wo_e   (moe.grouped_matmul)
     y = combine(out)                     (weighted sum over each token's experts)
 
-The caller adds the residual: x + dropout(y). Parameters carry the `expert` logical axis, so
+Switch layout (moe_expert_norm=False, ffn_activation="relu"): the caller applies one shared
+pre-norm, n is its output, and each expert is relu(n Wi_e) Wo_e. The caller adds the residual: x + dropout(y). Parameters carry the `expert` logical axis, so
 with an `expert` mesh axis the batched buffers [G, E, C, d] move from batch-sharded to
 expert-sharded through sharding constraints (XLA's all-to-all), never hand-written exchange.
 Aux losses (weighted) are sown into `aux_loss`; diagnostics into `intermediates`.
@@ -18,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cpm2_jax.config import ModelConfig, dtype_of
+from cpm2_jax.config import FFN_WEIGHTS, ModelConfig, dtype_of
 from cpm2_jax.errors import ConfigError
 from cpm2_jax.model.feedforward import gelu
 from cpm2_jax.moe.dispatch import ExpertRows, from_experts, to_experts
@@ -40,26 +41,44 @@ def routing_groups(batch: int, length: int, group_size: int) -> tuple[int, int]:
     return batch, length
 
 
-def expert_ffn(rows: ExpertRows, norm_scale, wi_0, wi_1, wo, *, backend: str, dtype, dropout=None) -> ExpertRows:
-    """Every row through its expert: scale by s_e (the rest of the expert's RMSNorm), then the
-    gated GELU of feedforward.gated_gelu with grouped matmuls."""
+def expert_ffn(rows: ExpertRows, weights: dict, *, activation: str = "gated_gelu", backend: str, dtype,
+               dropout=None) -> ExpertRows:
+    """Every row through its expert: scale by s_e (the rest of the expert's RMSNorm, when the
+    experts hold `norm_scale`), then the expert FFN (feedforward.feed_forward's arithmetic) with
+    grouped matmuls."""
     if backend in RAGGED_BACKENDS:
-        scale = jnp.take(norm_scale.astype(jnp.float32), jnp.minimum(rows.row_expert, norm_scale.shape[0] - 1), axis=0)
         sizes = rows.group_sizes
     else:
-        scale = norm_scale.astype(jnp.float32)[:, None, :]  # [E, 1, d] over [G, E, C, d]
         sizes = None
-    h_in = (rows.rows.astype(jnp.float32) * scale).astype(dtype)
-    h = gelu(grouped_matmul(h_in, wi_0, sizes, backend=backend, dtype=dtype)) * \
-        grouped_matmul(h_in, wi_1, sizes, backend=backend, dtype=dtype)
+    h_in = rows.rows
+    if "norm_scale" in weights:
+        norm_scale = weights["norm_scale"].astype(jnp.float32)
+        if backend in RAGGED_BACKENDS:
+            scale = jnp.take(norm_scale, jnp.minimum(rows.row_expert, norm_scale.shape[0] - 1), axis=0)
+            h_in = h_in.astype(jnp.float32) * scale
+        elif h_in.shape[0] == 1:
+            # One routing group: scale the [E, C, d] view, so the scale's gradient reduces one
+            # middle axis (XLA:CPU ran the [1, E, C, d] reduction over (G, C) ~10x slower).
+            h_in = (h_in[0].astype(jnp.float32) * norm_scale[:, None, :])[None]
+        else:
+            h_in = h_in.astype(jnp.float32) * norm_scale[:, None, :]  # [E, 1, d] over [G, E, C, d]
+    h_in = h_in.astype(dtype)
+
+    def matmul(lhs, name):
+        return grouped_matmul(lhs, weights[name], sizes, backend=backend, dtype=dtype)
+
+    if activation == "gated_gelu":
+        h = gelu(matmul(h_in, "wi_0")) * matmul(h_in, "wi_1")
+    else:
+        h = jax.nn.relu(matmul(h_in, "wi"))
     if dropout is not None:
         h = dropout(h)
-    return rows.replace(rows=grouped_matmul(h, wo, sizes, backend=backend, dtype=dtype))
+    return rows.replace(rows=matmul(h, "wo"))
 
 
 class Experts(nn.Module):
-    """The expert parameters: per-expert RMSNorm scale [E, d] and gated-GELU weights [E, ...]
-    (the dense block's `pre_mlp_layer_norm/scale` and `mlp/{wi_0,wi_1,wo}`, one per expert)."""
+    """The expert parameters: per-expert RMSNorm scale [E, d] (unless moe_expert_norm=False) and
+    FFN weights [E, ...] (the dense block's `pre_mlp_layer_norm/scale` and `mlp/*`, one per expert)."""
 
     config: ModelConfig
 
@@ -72,16 +91,18 @@ class Experts(nn.Module):
         def weight(name, shape, axes, init):
             return self.param(name, nn.with_logical_partitioning(init, axes), shape, pdtype)
 
-        return {
-            "norm_scale": weight("norm_scale", (e, d_model), ("expert", "embed"), nn.initializers.ones),
-            "wi_0": weight("wi_0", (e, d_model, c.d_ff), ("expert", "embed", "mlp"), normal),
-            "wi_1": weight("wi_1", (e, d_model, c.d_ff), ("expert", "embed", "mlp"), normal),
-            "wo": weight("wo", (e, c.d_ff, d_model), ("expert", "mlp", "embed"), normal),
-        }
+        out = {}
+        if c.moe_expert_norm:
+            out["norm_scale"] = weight("norm_scale", (e, d_model), ("expert", "embed"), nn.initializers.ones)
+        for name in FFN_WEIGHTS[c.ffn_activation][:-1]:
+            out[name] = weight(name, (e, d_model, c.d_ff), ("expert", "embed", "mlp"), normal)
+        out["wo"] = weight("wo", (e, c.d_ff, d_model), ("expert", "mlp", "embed"), normal)
+        return out
 
 
 class MoeBlock(nn.Module):
-    """Router + `num_experts` gated-GELU experts (each with its RMSNorm scale) on [B, L, d]."""
+    """Router + `num_experts` experts (each with its RMSNorm scale) on [B, L, d]; with
+    moe_expert_norm=False the input is already normalised (Switch's shared pre-norm)."""
 
     config: ModelConfig
     deterministic: bool = True
@@ -97,7 +118,9 @@ class MoeBlock(nn.Module):
         g, s = routing_groups(b, length, c.moe_group_size)
         xg = nn.with_logical_constraint(x.reshape(g, s, d), ("batch", "length", "embed"))
         x32 = xg.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + c.layer_norm_epsilon)
+        normed = x32
+        if c.moe_expert_norm:
+            normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + c.layer_norm_epsilon)
 
         routing: Routing = Router(config=c, deterministic=self.deterministic, name="router")(normed)
 
@@ -110,7 +133,7 @@ class MoeBlock(nn.Module):
             rows = rows.replace(rows=nn.with_logical_constraint(
                 nn.with_logical_constraint(rows.rows, _BATCH_SIDE), _EXPERT_SIDE))
         drop = nn.Dropout(c.dropout_rate)
-        out = expert_ffn(rows, **experts, backend=backend, dtype=dtype,
+        out = expert_ffn(rows, experts, activation=c.ffn_activation, backend=backend, dtype=dtype,
                          dropout=lambda h: drop(h, deterministic=self.deterministic))
         if batched:
             out = out.replace(rows=nn.with_logical_constraint(

@@ -69,8 +69,12 @@ class Routing:
 # Pure routing math
 # ---------------------------------------------------------------------------------------------
 
-def capacity_for(tokens_per_group: int, num_experts: int, capacity_factor: float, k: int = 1) -> int:
-    """C = ceil(cf * k * S / E), at least 1 and at most S (an expert takes a token once)."""
+def capacity_for(tokens_per_group: int, num_experts: int, capacity_factor: float, k: int = 1,
+                 expert_capacity: int = 0) -> int:
+    """C = ceil(cf * k * S / E) (or a fixed `expert_capacity` > 0, Switch's), at least 1 and at
+    most S (an expert takes a token once)."""
+    if expert_capacity > 0:
+        return int(min(tokens_per_group, expert_capacity))
     if capacity_factor <= 0:
         raise ConfigError(f"moe_capacity_factor must be > 0, got {capacity_factor}")
     return int(min(tokens_per_group, max(1, math.ceil(capacity_factor * k * tokens_per_group / num_experts))))
@@ -109,8 +113,9 @@ def _zero() -> jax.Array:
     return jnp.zeros((), jnp.float32)
 
 
-def route_top_k(logits: jax.Array, k: int, capacity_factor: float) -> Routing:
-    """Tokens choose their k best experts, dropped beyond capacity (first choices first)."""
+def route_top_k(logits: jax.Array, k: int, capacity_factor: float, expert_capacity: int = 0) -> Routing:
+    """Tokens choose their k best experts, dropped beyond capacity (first choices first, then
+    token order: transformers' Switch drops the same tokens)."""
     g, s, e = logits.shape
     if not 1 <= k <= e:
         raise ConfigError(f"moe_top_k must be between 1 and num_experts ({e}), got {k}")
@@ -119,7 +124,7 @@ def route_top_k(logits: jax.Array, k: int, capacity_factor: float) -> Routing:
     gates, index = jax.lax.top_k(probs, k)  # [G, S, K]
     if k > 1:  # GShard: the k gates renormalised to sum to 1
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-    capacity = capacity_for(s, e, capacity_factor, k)
+    capacity = capacity_for(s, e, capacity_factor, k, expert_capacity)
     # Choice-major order (all first choices, then all second ones...): priority for first choices.
     expert = jnp.swapaxes(index, 1, 2).reshape(g, k * s).astype(jnp.int32)
     weight = jnp.swapaxes(gates, 1, 2).reshape(g, k * s)
@@ -132,12 +137,12 @@ def route_top_k(logits: jax.Array, k: int, capacity_factor: float) -> Routing:
                    entropy=mean_entropy(logits), num_experts=e, capacity=capacity, token_major=True, group_size=s)
 
 
-def route_experts_choose(logits: jax.Array, capacity_factor: float) -> Routing:
+def route_experts_choose(logits: jax.Array, capacity_factor: float, expert_capacity: int = 0) -> Routing:
     """Every expert takes its C tokens of highest probability (softmax over experts)."""
     g, s, e = logits.shape
     logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
-    capacity = capacity_for(s, e, capacity_factor)
+    capacity = capacity_for(s, e, capacity_factor, expert_capacity=expert_capacity)
     gates, token = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), capacity)  # [G, E, C]
     expert = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32)[:, None], (g, e, capacity)).reshape(g, e * capacity)
     position = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (g, e, capacity)).reshape(g, e * capacity)
@@ -175,7 +180,7 @@ class Router(nn.Module):
 
     `balanced` holds `centroids` [embed, expert] (orthogonal, gain 0.1, stop_gradient: weight
     decay only rescales them, which changes no assignment); the learned routers hold a
-    `kernel` [embed, expert].
+    `kernel` [embed, expert] (and a `bias` [expert] with moe_router_bias).
     """
 
     config: ModelConfig
@@ -203,6 +208,10 @@ class Router(nn.Module):
                                        1.0 - c.moe_jitter, 1.0 + c.moe_jitter)
             x = x * noise
         logits = x @ kernel.astype(jnp.float32)
+        if c.moe_router_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("unmodeled",)),
+                              (e,), jnp.float32)
+            logits = logits + bias.astype(jnp.float32)
         if c.moe_router == "top_k":
-            return route_top_k(logits, c.moe_top_k, c.moe_capacity_factor)
-        return route_experts_choose(logits, c.moe_capacity_factor)
+            return route_top_k(logits, c.moe_top_k, c.moe_capacity_factor, c.moe_expert_capacity)
+        return route_experts_choose(logits, c.moe_capacity_factor, c.moe_expert_capacity)

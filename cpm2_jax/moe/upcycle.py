@@ -7,55 +7,38 @@ balanced router, whose combine weight is 1).
     layers_i/mlp/{wi_0, wi_1, wo}          ->  layers_i/moe/experts/{wi_0, wi_1, wo} [E, ...]
     (new)                                  ->  layers_i/moe/router/{centroids | kernel}
 
-Scanned checkpoints (`layers/...` with a leading layer axis) keep that axis first.
+Scanned checkpoints (`layers/...` with a leading layer axis) keep that axis first. Only the
+MoE layers of the config change (`is_moe_layer`); with moe_expert_norm=False (Switch) the
+norm stays shared in `pre_mlp_layer_norm` and the experts copy the FFN weights alone.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpm2_jax.config import ModelConfig
+from cpm2_jax.config import FFN_WEIGHTS, ModelConfig
+from cpm2_jax.convert.native import flatten_params, nest_params
 from cpm2_jax.errors import CheckpointError, ConfigError
 
-_DENSE_FFN = {("pre_mlp_layer_norm", "scale"): "norm_scale", ("mlp", "wi_0"): "wi_0",
-              ("mlp", "wi_1"): "wi_1", ("mlp", "wo"): "wo"}
 _MOE_FIELDS = ("num_experts", "moe_router", "moe_backend", "moe_capacity_factor", "moe_top_k", "moe_group_size",
-               "moe_aux_loss_weight", "moe_z_loss_weight", "moe_jitter", "moe_eval_argmax")
+               "moe_aux_loss_weight", "moe_z_loss_weight", "moe_jitter", "moe_eval_argmax",
+               "moe_encoder_sparse_step", "moe_decoder_sparse_step", "moe_expert_norm", "moe_router_bias",
+               "moe_expert_capacity")
+_NORM = ("pre_mlp_layer_norm", "scale")
 
 
-def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, prefix + (key,)))
-        else:
-            out[prefix + (key,)] = value
-    return out
+def _layer_of(prefix: tuple[str, ...]) -> tuple[str, int]:
+    """(stack, index) of a layer prefix `(stack, "layers_i")`; index 0 for a scanned `layers`."""
+    name = prefix[-1]
+    return prefix[0], (0 if name == "layers" else int(name.split("_")[-1]))
 
 
-def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = value
-    return tree
-
-
-def _unwrap(params) -> dict:
-    import flax.linen as nn
-
-    params = nn.unbox(params)
-    if isinstance(params, Mapping) and set(params) == {"params"}:
-        params = params["params"]
-    if hasattr(params, "unfreeze"):
-        params = params.unfreeze()
-    return params
+def _dense_ffn_layers(flat) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """Layer prefix -> path of its dense `mlp/wo`, for every layer with a dense FFN."""
+    return {p[:-2]: p for p in flat if p[-2:] == ("mlp", "wo")}
 
 
 def check_compatible(dense: ModelConfig, moe: ModelConfig) -> None:
@@ -75,20 +58,20 @@ def check_compatible(dense: ModelConfig, moe: ModelConfig) -> None:
 def check_params_fit(params, config: ModelConfig) -> None:
     """A clear error when dense params meet an MoE config or MoE params meet a dense config
     (e.g. an MoE checkpoint restored into a dense model), before any shape mismatch deep in Flax."""
-    flat = _flatten(_unwrap(params))
+    flat = flatten_params(params)
     moe_paths = [p for p in flat if "moe" in p]
-    dense_ffn = [p for p in flat if p[-2:] in _DENSE_FFN]
     if moe_paths and not config.is_moe:
-        experts = next((flat[p].shape[-3] for p in moe_paths if p[-1] == "wi_0"), "?")
+        experts = next((flat[p].shape[-3] for p in moe_paths if p[-1] == "wo"), "?")
         raise CheckpointError(f"the checkpoint is an MoE model ({experts} experts; e.g. parameter "
                               f"{'/'.join(moe_paths[0])!r}) but the config is dense (num_experts=0); restore it "
                               f"with the MoE config (num_experts={experts}), or use a dense checkpoint")
-    if dense_ffn and config.is_moe:
-        raise CheckpointError(f"the checkpoint is a dense model (e.g. parameter {'/'.join(dense_ffn[0])!r}) but the "
-                              f"config has num_experts={config.num_experts}; upcycle it first with "
+    dense_in_moe = [p for prefix, p in _dense_ffn_layers(flat).items() if config.is_moe_layer(*_layer_of(prefix))]
+    if dense_in_moe:
+        raise CheckpointError(f"the checkpoint is a dense model (e.g. parameter {'/'.join(dense_in_moe[0])!r}) but the "
+                              f"config has num_experts={config.num_experts} in that layer; upcycle it first with "
                               "`cpm2 convert dense-to-moe`")
     for path, value in flat.items():
-        if path[-1] == "wi_0" and "experts" in path and value.shape[-3] != config.num_experts:
+        if path[-1] == "wo" and "experts" in path and value.shape[-3] != config.num_experts:
             raise CheckpointError(f"parameter {'/'.join(path)!r} holds {value.shape[-3]} experts but the config "
                                   f"has num_experts={config.num_experts}")
 
@@ -112,29 +95,33 @@ def _fresh_router(config: ModelConfig, rng: jax.Array, layers: int, scanned: boo
 
 def upcycle_params(dense_params, dense_config: ModelConfig, moe_config: ModelConfig,
                    rng: jax.Array | int = 0) -> dict:
-    """MoE params (numpy, host) from dense params: experts copy the dense FFN and its norm."""
+    """MoE params (numpy, host) from dense params: in every MoE layer (moe_config.is_moe_layer)
+    the experts copy the dense FFN, and its norm unless the norm stays shared (moe_expert_norm=False)."""
     check_compatible(dense_config, moe_config)
     check_params_fit(dense_params, dense_config)
     rng = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
-    flat = {p: np.asarray(jax.device_get(v)) for p, v in _flatten(_unwrap(dense_params)).items()}
-    layer_prefixes = sorted({p[:-2] for p in flat if p[-2:] in _DENSE_FFN})
+    flat = {p: np.asarray(jax.device_get(v)) for p, v in flatten_params(dense_params).items()}
+    layer_prefixes = sorted(_dense_ffn_layers(flat))
     if not layer_prefixes:
-        raise CheckpointError("dense-to-moe: no dense feed-forward block (mlp/wi_0 ...) found in the params")
-    e, out = moe_config.num_experts, {}
-    for path, value in flat.items():
-        if path[-2:] not in _DENSE_FFN:
-            out[path] = value
+        raise CheckpointError("dense-to-moe: no dense feed-forward block (mlp/wo ...) found in the params")
+    e, out = moe_config.num_experts, dict(flat)
+    moved = [("mlp", name) for name in FFN_WEIGHTS[moe_config.ffn_activation]]
+    if moe_config.moe_expert_norm:
+        moved.append(_NORM)
     for i, prefix in enumerate(layer_prefixes):
+        if not moe_config.is_moe_layer(*_layer_of(prefix)):
+            continue
         scanned = prefix[-1] == "layers"
-        missing = [k for k in _DENSE_FFN if prefix + k not in flat]
+        missing = [k for k in moved if prefix + k not in flat]
         if missing:
             raise CheckpointError(f"dense-to-moe: layer {'/'.join(prefix)!r} lacks {'/'.join(missing[0])!r}")
-        for key, name in _DENSE_FFN.items():
-            value = flat[prefix + key]
+        for key in moved:
+            value = out.pop(prefix + key)
             axis = 1 if scanned else 0  # the expert axis goes after the scanned layer axis
+            name = "norm_scale" if key == _NORM else key[-1]
             out[prefix + ("moe", "experts", name)] = np.repeat(np.expand_dims(value, axis), e, axis=axis)
-        layers = flat[prefix + ("mlp", "wi_0")].shape[0] if scanned else 1
-        router = _fresh_router(moe_config, jax.random.fold_in(rng, i), layers, scanned)
-        for rpath, value in _flatten(router).items():
-            out[prefix + ("moe", "router") + rpath] = value.astype(flat[prefix + ("mlp", "wi_0")].dtype)
-    return _nest(out)
+        wo = flat[prefix + ("mlp", "wo")]
+        router = _fresh_router(moe_config, jax.random.fold_in(rng, i), wo.shape[0] if scanned else 1, scanned)
+        for rpath, value in flatten_params(router).items():
+            out[prefix + ("moe", "router") + rpath] = value.astype(wo.dtype)
+    return nest_params(out)

@@ -37,5 +37,54 @@ def random_mt5(config: ModelConfig = TEST_CONFIG, seed: int = 0):
     return model.eval()
 
 
+def hf_logits(model, enc: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """transformers' logits for encoder tokens `enc` (0 = padding) and decoder inputs `dec`."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc > 0).long(),
+                    decoder_input_ids=torch.tensor(dec))
+    return out.logits.numpy()
+
+
 def numpy_state_dict(model) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+# Switch: 4 encoder layers with MoE every 2nd (layers 1, 3), 3 decoder layers all MoE, 4 experts.
+SWITCH_CONFIG = get_config("tiny", vocab_size=256, d_model=32, d_ff=48, head_dim=8, num_encoder_layers=4,
+                           num_decoder_layers=3, num_experts=4, moe_router="top_k", moe_top_k=1,
+                           ffn_activation="relu", moe_expert_norm=False, moe_expert_capacity=64,
+                           moe_router_bias=True, moe_encoder_sparse_step=2, moe_decoder_sparse_step=1,
+                           tie_word_embeddings=True, dropout_rate=0.0, moe_jitter=0.01)
+
+
+def random_switch(config: ModelConfig = SWITCH_CONFIG, seed: int = 0):
+    """An eval-mode SwitchTransformersForConditionalGeneration with random, well spread weights
+    (the router's N(0, 1/fan_in) * 4 so tokens spread over all experts)."""
+    import torch
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    from cpm2_jax.convert import hf_switch
+
+    torch.manual_seed(seed)
+    hf_config = hf_switch.config_to_hf(config)
+    # transformers 5.x ties the input embeddings only when tie_word_embeddings is set: build tied,
+    # then untie the head alone (as random_mt5 does).
+    model = SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**{**hf_config,
+                                                                                 "tie_word_embeddings": True}))
+    if not config.tie_word_embeddings:
+        model.lm_head.weight = torch.nn.Parameter(torch.empty(config.vocab_size, config.d_model))
+        model.config.tie_word_embeddings = False
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router" in name:
+                p.normal_(0.0, 4 * (p.shape[1] ** -0.5 if p.ndim == 2 else 1.0))
+            elif p.ndim == 2 and name != "shared.weight" and "relative_attention_bias" not in name:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+            else:
+                p.normal_(0.0, 0.5)
+    tied = model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr()
+    assert tied == config.tie_word_embeddings
+    assert model.encoder.embed_tokens.weight.data_ptr() == model.shared.weight.data_ptr()
+    return model.eval()

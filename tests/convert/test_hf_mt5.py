@@ -21,7 +21,7 @@ from cpm2_jax.convert.hf_mt5 import project_shapes  # noqa: E402
 from cpm2_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from cpm2_jax.model.attention import relative_position_bucket  # noqa: E402
 from cpm2_jax.model.transformer import EncoderDecoder  # noqa: E402
-from tests.convert.hf_models import TEST_CONFIG, numpy_state_dict, random_mt5  # noqa: E402
+from tests.convert.hf_models import TEST_CONFIG, hf_logits, numpy_state_dict, random_mt5  # noqa: E402
 
 # (encoder valid lengths per row, decoder valid lengths per row, encoder length, decoder length).
 # The last case has padded rows, encoder offsets past 64 and past max_distance 128, and decoder
@@ -51,13 +51,6 @@ def _batch(enc_valid, dec_valid, enc_len, dec_len, seed=0):
     dec_mask = np.arange(dec_len)[None, :] < np.asarray(dec_valid)[:, None]
     dec[~dec_mask] = 0
     return enc, dec, dec_mask
-
-
-def _hf_logits(model, enc, dec):
-    with torch.inference_mode():
-        out = model(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc > 0).long(),
-                    decoder_input_ids=torch.tensor(dec))
-    return out.logits.numpy()
 
 
 def _project_logits(params, config, enc, dec):
@@ -105,7 +98,7 @@ def test_logits_match_transformers(hf_model, hf_state, scan):
     params = params_from_hf_state_dict(hf_state, config)
     for enc_valid, dec_valid, enc_len, dec_len in CASES:
         enc, dec, dec_mask = _batch(enc_valid, dec_valid, enc_len, dec_len)
-        ours, theirs = _project_logits(params, config, enc, dec), _hf_logits(hf_model, enc, dec)
+        ours, theirs = _project_logits(params, config, enc, dec), hf_logits(hf_model, enc, dec)
         diff = np.abs(ours - theirs)[dec_mask].max()
         assert diff <= 1e-4, f"lengths {enc_len}/{dec_len}: max abs diff {diff}"
         assert np.abs(theirs).max() > 1.0  # the comparison is not between near-zero logits
@@ -117,7 +110,7 @@ def test_a_wrong_mapping_would_be_caught(hf_model, hf_state):
     kernel = params["encoder"]["layers_0"]["attention"]["query"]["kernel"]
     params["encoder"]["layers_0"]["attention"]["query"]["kernel"] = kernel[:, ::-1, :]
     enc, dec, dec_mask = _batch(*CASES[1])
-    diff = np.abs(_project_logits(params, TEST_CONFIG, enc, dec) - _hf_logits(hf_model, enc, dec))[dec_mask].max()
+    diff = np.abs(_project_logits(params, TEST_CONFIG, enc, dec) - hf_logits(hf_model, enc, dec))[dec_mask].max()
     assert diff > 1e-2
 
 
@@ -169,7 +162,7 @@ def test_hf_directory_round_trip_through_transformers(hf_model, hf_state, tmp_pa
     reloaded = transformers.MT5ForConditionalGeneration.from_pretrained(str(out)).eval()
     assert reloaded.lm_head.weight.data_ptr() != reloaded.shared.weight.data_ptr()
     enc, dec, _ = _batch(*CASES[1])
-    np.testing.assert_array_equal(_hf_logits(reloaded, enc, dec), _hf_logits(hf_model, enc, dec))
+    np.testing.assert_array_equal(hf_logits(reloaded, enc, dec), hf_logits(hf_model, enc, dec))
     again, config = load_hf_checkpoint(out)
     assert config == TEST_CONFIG
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True), params, again)

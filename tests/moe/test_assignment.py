@@ -59,3 +59,17 @@ def test_sinkhorn_prices_balance_the_soft_assignment():
 def test_tokens_not_divisible_by_experts():
     with pytest.raises(ConfigError, match="multiple of the number of experts"):
         balanced_assignment(jnp.zeros((10, 4)))
+
+
+@pytest.mark.parametrize("experts", [1, 5, 80])
+def test_best_two_matches_argmax_and_masked_max(experts):
+    """Both paths of best_two (tournament, reductions) equal argmax + masked max, ties included."""
+    from cpm2_jax.moe.assignment import best_two
+
+    values = np.round(np.random.RandomState(experts).randn(experts, 300), 1).astype(np.float32)  # many ties
+    best, v1, v2 = jax.jit(best_two)(jnp.asarray(values))
+    ref_best = values.argmax(axis=0)
+    masked = np.where(np.arange(experts)[:, None] == ref_best[None, :], -np.inf, values)
+    np.testing.assert_array_equal(np.asarray(best), ref_best)
+    np.testing.assert_array_equal(np.asarray(v1), values.max(axis=0))
+    np.testing.assert_array_equal(np.asarray(v2), masked.max(axis=0))

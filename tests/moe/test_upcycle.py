@@ -73,3 +73,24 @@ def test_cli_dense_to_moe(tmp_path, capsys):
     np.testing.assert_array_equal(wi_0[3], dense_params["encoder"]["layers_0"]["mlp"]["wi_0"])
     assert main(["convert", "dense-to-moe", str(tmp_path / "moe"), str(tmp_path / "again"), "--num_experts", "4"]) == 2
     assert "already has num_experts" in capsys.readouterr().err
+
+
+def test_upcycle_into_switch_layout():
+    """MoE every other layer with a shared pre-norm (Switch): only those layers change, the
+    experts copy the ReLU FFN, and the result has the MoE model's exact tree."""
+    dense_c = get_config("tiny", ffn_activation="relu", num_encoder_layers=4)
+    moe_c = dense_c.replace(num_experts=4, moe_router="top_k", moe_expert_norm=False, moe_encoder_sparse_step=2,
+                            moe_router_bias=True, moe_expert_capacity=8)
+    enc, dec = batch()
+    dense_params = nn.unbox(EncoderDecoder(dense_c).init(jax.random.PRNGKey(0), enc, dec))["params"]
+    moe_params = upcycle_params(dense_params, dense_c, moe_c)
+    shapes = jax.eval_shape(lambda: nn.unbox(EncoderDecoder(moe_c).init(jax.random.PRNGKey(0), enc, dec))["params"])
+    assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, moe_params)
+    check_params_fit(moe_params, moe_c)
+    enc_dense, enc_moe = dense_params["encoder"], moe_params["encoder"]
+    np.testing.assert_array_equal(enc_moe["layers_0"]["mlp"]["wi"], enc_dense["layers_0"]["mlp"]["wi"])
+    np.testing.assert_array_equal(enc_moe["layers_1"]["moe"]["experts"]["wi"][2], enc_dense["layers_1"]["mlp"]["wi"])
+    np.testing.assert_array_equal(enc_moe["layers_1"]["pre_mlp_layer_norm"]["scale"],
+                                  enc_dense["layers_1"]["pre_mlp_layer_norm"]["scale"])
+    with pytest.raises(CheckpointError, match="decoder/layers_0/mlp/wo"):
+        check_params_fit(dense_params, moe_c)
