@@ -30,6 +30,8 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-steps", type=int, default=2,
+                        help="timed steps of the `small` config's train step (after one compile step); 0 skips")
     args = parser.parse_args()
 
     import jax
@@ -52,12 +54,15 @@ def main() -> int:
         real_tokens += int(np.count_nonzero(batch["encoder_input_tokens"]))
     elapsed = time.perf_counter() - started
     examples_per_s = args.batches * args.batch_size / elapsed
+    train_examples_per_s = _train_examples_per_s(batch, args.train_steps) if args.train_steps else None
     result = {
         "examples_per_s": round(examples_per_s, 2),
-        "train_examples_per_s": None,
-        "headroom": None,
-        "note": ("train_examples_per_s and headroom (examples_per_s / train_examples_per_s) stay null "
-                 "until the training issue provides the `small` config's training step"),
+        "train_examples_per_s": round(train_examples_per_s, 3) if train_examples_per_s else None,
+        "headroom": round(examples_per_s / train_examples_per_s, 1) if train_examples_per_s else None,
+        "note": ("train_examples_per_s: the `small` config's jitted train step (forward + backward + "
+                 "AdamW, float32, one CPU device, 4 accumulated micro-batches of 8) on the same 512/256 x 32 "
+                 "batches; headroom = "
+                 "examples_per_s / train_examples_per_s (target >= 3: input never starves training)"),
         "task": args.task,
         "batch_size": args.batch_size,
         "feature_lengths": lengths,
@@ -80,6 +85,34 @@ def main() -> int:
     RESULT.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0
+
+
+def _train_examples_per_s(batch, steps: int) -> float:
+    """Examples/s of the `small` config's train step on `batch` (median of `steps` timed steps)."""
+    import statistics
+
+    import jax
+
+    from cpm2_jax.config import get_config
+    from cpm2_jax.partitioning import make_mesh
+    from cpm2_jax.trainer import Trainer, TrainerConfig
+
+    # 4 micro-batches of 8 (still one AdamW update per 32 examples) keep the step within this
+    # machine's memory: the [32, 256, 52736] float32 logits alone are 1.7 GB.
+    trainer = Trainer(get_config("small"), TrainerConfig(grad_accum_steps=4),
+                      make_mesh({"data": 1}, jax.devices()[:1]), total_steps=steps + 1)
+    state = trainer.init_state()
+    sharded = trainer.shard_batch(batch)
+    state, metrics = trainer.train_step(state, sharded)  # compile
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        state, metrics = trainer.train_step(state, sharded)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - started)
+    rows = next(iter(batch.values())).shape[0]
+    return rows / statistics.median(times)
 
 
 if __name__ == "__main__":
