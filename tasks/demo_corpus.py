@@ -9,11 +9,22 @@ each entry a (length, offset) pair). Plural forms keep their first form, message
 contexts (`ctx\\x04msgid`) lose the context, fuzzy/empty translations and the catalog
 header are dropped, and each English message is kept once.
 
+Pre-training documents (`zh_mono.jsonl`, `en_mono.jsonl`) are bounded: each program's
+messages, in catalog order, are cut into documents of at most `MESSAGES_PER_DOCUMENT`
+(20) messages joined by newlines; English document i holds the same messages as Chinese
+document i. That gives ~2000 documents from a desktop's ~40k messages instead of one per
+program (~74), so the pre-training tasks' hash hold-out (1 document in 100,
+`pretraining.holdout`) has a validation split of its own (~20 documents). They are
+written in a fixed pseudo-random order (seed `DOCUMENT_ORDER_SEED`), so the training
+stream mixes programs rather than walking through them one by one (the task's shuffle
+buffer is small next to a whole catalog).
+
 Where no catalog exists (a minimal container), a small generated corpus stands in:
 English/Chinese sentences composed from a fixed phrase table, clearly labelled with the
 domain `generated`. `prepare(directory)` writes the corpus in the shared-data layout
 (`en_zh_{train,validation}.jsonl`, `zh_mono.jsonl`, `en_mono.jsonl`), so every local
-and pre-training task runs on it; the result is cached (`settings.cache_dir()/demo`).
+and pre-training task runs on it; the result is cached (`settings.cache_dir()/demo`,
+rebuilt when it was written by an older layout: `FORMAT_VERSION`).
 """
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ import itertools
 import json
 import os
 import pathlib
+import random
 import struct
 import sys
 from typing import Iterator
@@ -30,6 +42,9 @@ from typing import Iterator
 LOCALE_GLOB = "/usr/share/locale/zh_CN/LC_MESSAGES/*.mo"
 MO_MAGIC = 0x950412DE
 VALIDATION_PERCENT = 5
+MESSAGES_PER_DOCUMENT = 20
+DOCUMENT_ORDER_SEED = 0
+FORMAT_VERSION = 2  # 2: bounded pre-training documents (1: one document per program)
 
 
 def parse_mo(data: bytes) -> Iterator[tuple[str, str]]:
@@ -114,7 +129,7 @@ def prepare(directory: str | os.PathLike | None = None, pattern: str = LOCALE_GL
 
     directory = pathlib.Path(directory) if directory else settings.cache_dir() / "demo"
     done = directory / ".complete"
-    if done.is_file():
+    if _complete_version(done) == FORMAT_VERSION:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     pairs = load_pairs(pattern)
@@ -126,13 +141,35 @@ def prepare(directory: str | os.PathLike | None = None, pattern: str = LOCALE_GL
         splits["train"] = [p for i, p in enumerate(splits["train"]) if i % 10]
     for split, rows in splits.items():
         _write_jsonl(directory / f"en_zh_{split}.jsonl", rows)
+    chunks = document_chunks(pairs)
     for language in ("zh", "en"):
-        documents = []
-        for domain, group in itertools.groupby(pairs, key=lambda p: p["domain"]):
-            documents.append({"text": "\n".join(p[language] for p in group), "source": f"gettext/{domain}"})
+        documents = [{"text": "\n".join(p[language] for p in chunk), "source": f"gettext/{chunk[0]['domain']}"}
+                     for chunk in chunks]
         _write_jsonl(directory / f"{language}_mono.jsonl", documents)
-    done.write_text(json.dumps({"pairs": len(pairs), "pattern": pattern}) + "\n")
+    done.write_text(json.dumps({"version": FORMAT_VERSION, "pairs": len(pairs), "documents": len(chunks),
+                                "pattern": pattern}) + "\n")
     return directory
+
+
+def document_chunks(pairs: list[dict], size: int = MESSAGES_PER_DOCUMENT,
+                    seed: int = DOCUMENT_ORDER_SEED) -> list[list[dict]]:
+    """Each domain's consecutive messages cut into chunks of at most `size`, in a seeded order."""
+    chunks = []
+    for _domain, group in itertools.groupby(pairs, key=lambda p: p["domain"]):
+        group = list(group)
+        chunks += [group[start:start + size] for start in range(0, len(group), size)]
+    random.Random(seed).shuffle(chunks)
+    return chunks
+
+
+def _complete_version(done: pathlib.Path) -> int | None:
+    """The layout version a finished directory was written with (None: unfinished; 1: before versions)."""
+    try:
+        return int(json.loads(done.read_text()).get("version", 1))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 1
 
 
 def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:

@@ -7,6 +7,13 @@
                            # decoder_loss_weights (+ *_segment_ids / *_positions when packed)
     saved = it.state()     # {"step": ..., and every argument}: JSON-serialisable
     it = BatchIterator.restore(saved)   # continues with exactly the batch an uninterrupted run gives
+    it.close()             # or `with get_batch_iterator(...) as it:`
+
+`close()` releases the tf.data iterator (its prefetch thread and the Python generator
+feeding it) there and then. An iterator still open when the interpreter exits is
+closed by an `atexit` hook (`close_all`): a generator-backed tf.data iterator left
+alive into interpreter shutdown hangs or aborts the process (its prefetch thread still
+calls into the Python generator while Python tears itself down).
 
 Batch n is a pure function of (task, split, lengths, batch size, seed, shard, n): shuffling,
 mixture sampling and span-corruption noise all derive from `seed` (seqio's map seeds and
@@ -15,7 +22,10 @@ the pipeline's first N batches (cheap next to training; no randomness is re-draw
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import gc
+import weakref
 from typing import Any, Mapping
 
 import numpy as np
@@ -69,8 +79,24 @@ class IteratorConfig:
     num_epochs: int | None = None
 
 
+_OPEN: "weakref.WeakSet[BatchIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def close_all() -> None:
+    """Close every open `BatchIterator` (run at exit, before interpreter teardown)."""
+    for iterator in list(_OPEN):
+        iterator.close()
+
+
 class BatchIterator:
-    """Iterator of model-feature numpy batches with `step`, `state()`, `restore()` and `stats()`."""
+    """Iterator of model-feature numpy batches with `step`, `state()`, `restore()` and `stats()`.
+
+    Close it (`close()`, or use it as a context manager) when done; after `close()` it
+    is exhausted (`next` raises StopIteration) while `state()` and `stats()` still answer.
+    """
+
+    _iterator = None  # set last in __init__: close() is safe on a half-built iterator
 
     def __init__(self, config: IteratorConfig, start_step: int = 0,
                  provider: seqio.DatasetProviderBase | None = None):
@@ -91,6 +117,7 @@ class BatchIterator:
         # Replays the first `start_step` batches: exact resume, same data as a straight run.
         dataset = dataset.skip(start_step).prefetch(2)
         self._iterator = iter(dataset.as_numpy_iterator())
+        _OPEN.add(self)
 
     def _count(self, example):
         self._examples.assign_add(1)
@@ -103,7 +130,31 @@ class BatchIterator:
     def __iter__(self):
         return self
 
+    def __enter__(self) -> "BatchIterator":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._iterator is None
+
+    def close(self) -> None:
+        """Release the tf.data iterator now: its prefetch thread stops and the source generator closes.
+
+        Idempotent. The iterator resource is freed with its last Python reference; the
+        collection pass frees it even if a reference cycle (e.g. a traceback) holds it.
+        """
+        iterator, self._iterator = self._iterator, None
+        _OPEN.discard(self)
+        if iterator is not None:
+            del iterator
+            gc.collect()
+
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            raise StopIteration
         try:
             batch = next(self._iterator)
         except tf.errors.OpError as err:

@@ -3,7 +3,10 @@
 CPM-2's bilingual stage trains on Chinese and English at a 2:1 rate (CPM2_FACTS.md,
 "English:Chinese data 1:2"). Documents come from JSON Lines (field `text`) or plain-text
 files under the data directory; which files is gin-configurable (`corpus_files`).
-1% of documents, chosen by a stable hash of their text, form the validation split.
+1% of documents, chosen by a stable hash of their text, form the validation split; a
+corpus of two or more documents that the hash leaves without one gives its last document
+to validation instead (`holdout`), and a split that would still be empty raises
+`DataError`: neither split is ever silently empty.
 """
 from __future__ import annotations
 
@@ -30,14 +33,74 @@ def corpus_files(language: str, zh: Sequence[str] = ("zh_mono.jsonl",),
     return list({"zh": zh, "en": en}[language])
 
 
-def holdout(dataset: tf.data.Dataset, split: str) -> tf.data.Dataset:
-    """Keep the validation bucket of a stable text hash for 'validation', the rest for 'train'."""
-    def in_validation(example):
-        return tf.equal(tf.strings.to_hash_bucket_fast(example["text"], VALIDATION_BUCKETS), 0)
+def holdout(dataset: tf.data.Dataset, split: str, task: str = "?", where: str = "?") -> tf.data.Dataset:
+    """The `split` part of a document stream: the validation bucket of a stable text hash, or the rest.
 
-    if split == "validation":
-        return dataset.filter(in_validation)
-    return dataset.filter(lambda ex: tf.logical_not(in_validation(ex)))
+    A document is held out for validation when `to_hash_bucket_fast(text, 100) == 0`.
+    When a pass ends with no document in that bucket (a small corpus) and at least two
+    documents were read, the last document is held out instead: 'validation' yields it
+    and 'train' drops it. The rule needs no extra pass: 'train' yields each document one
+    document late and decides about the last one at the end of the stream, so corpora
+    whose hash bucket is non-empty split exactly as by the hash alone, in the same order.
+    A split left empty all the same (a one-document corpus, or every document hashed to
+    validation) raises `DataError` at the end of the pass, naming `task`, the split and
+    `where` (the data directory and files).
+    """
+    if split not in ("train", "validation"):
+        raise DataError(f"task {task!r} has no split {split!r}; it has ['train', 'validation']")
+    validation = split == "validation"
+
+    def tag(example):
+        held = tf.equal(tf.strings.to_hash_bucket_fast(example["text"], VALIDATION_BUCKETS), 0)
+        return example["text"], held, tf.constant(False)
+
+    end = tf.data.Dataset.from_tensors((tf.constant(""), tf.constant(False), tf.constant(True)))
+    tagged = dataset.map(tag).concatenate(end)
+    zero = tf.constant(0, tf.int64)
+    # State: the last document not in the hash bucket, whether there is one, documents in
+    # the bucket, documents read, documents this split has yielded.
+    initial = (tf.constant(""), tf.constant(False), zero, zero, zero)
+
+    def step(state, element):
+        pending, has_pending, held, count, kept = state
+        text, in_bucket, last = element
+        document = tf.logical_not(last)
+        fallback = tf.logical_and(tf.equal(held, 0), count >= 2)  # only read at the end marker
+        if validation:
+            emit = tf.logical_or(tf.logical_and(document, in_bucket), tf.logical_and(last, fallback))
+            out = tf.where(in_bucket, text, pending)
+        else:
+            keep_last = tf.logical_and(has_pending, tf.logical_not(fallback))
+            emit = tf.where(last, keep_last, tf.logical_and(tf.logical_not(in_bucket), has_pending))
+            out = pending
+        other = tf.logical_and(document, tf.logical_not(in_bucket))
+        kept = kept + tf.cast(emit, tf.int64)
+        state = (tf.where(other, text, pending), tf.logical_or(has_pending, other),
+                 held + tf.cast(tf.logical_and(document, in_bucket), tf.int64),
+                 count + tf.cast(document, tf.int64), kept)
+        empty = tf.logical_and(last, tf.equal(kept, 0))
+        return state, (out, emit, empty, count)
+
+    def fail(count):
+        count = int(count)
+        if validation:
+            raise DataError(
+                f"task {task!r} split 'validation': the hold-out left it empty: {count} document(s) in {where}; "
+                f"it needs at least 2 (it keeps 1 in {VALIDATION_BUCKETS}, at least one). Hint: give the corpus "
+                f"more documents (e.g. split long texts into several), or evaluate on another task")
+        raise DataError(
+            f"task {task!r} split 'train': all {count} document(s) in {where} fell in the validation hold-out "
+            f"(1 in {VALIDATION_BUCKETS} by text hash). Hint: give the corpus more documents")
+
+    def check(out, emit, empty, count):
+        del emit
+        raised = tf.cond(empty, lambda: tf.py_function(fail, [count], tf.bool), lambda: tf.constant(False))
+        with tf.control_dependencies([raised]):
+            return {"text": tf.identity(out)}
+
+    return (tagged.scan(initial, step)
+            .filter(lambda out, emit, empty, count: tf.logical_or(emit, empty))
+            .map(check))
 
 
 class CorpusSource(sources.RecordSource):
@@ -63,11 +126,14 @@ class CorpusSource(sources.RecordSource):
     def _dataset_fn(self, split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         if split not in ("train", "validation"):
             raise DataError(f"task {self._task!r} has no split {split!r}; it has ['train', 'validation']")
+        directory = self._directory()
         files = self.files(split)
         dataset = tf.data.Dataset.from_generator(
             functools.partial(sources.read_records, self._task, split, files, self._reader, self._fields),
             output_signature={"text": tf.TensorSpec([], tf.string)})
-        return holdout(dataset, split)
+        names = [str(f.relative_to(directory)) if f.is_relative_to(directory) else str(f) for f in files]
+        where = f"data dir {directory} ({', '.join(names)})"
+        return holdout(dataset, split, task=self._task, where=where)
 
 
 def output_features(vocabulary: seqio.Vocabulary) -> Mapping[str, seqio.Feature]:

@@ -1,25 +1,41 @@
-"""Deterministic, resumable batches; truncation counted; pre-training mixture rates."""
+"""Deterministic, resumable batches; truncation counted; pre-training mixture rates; closing."""
+import gc
+import inspect
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from cpm2_jax.errors import ConfigError, DataError
-from cpm2_jax.tasks import pipeline, pretraining, settings
+from cpm2_jax.tasks import pipeline, pretraining, settings, sources
 from tests.tasks.conftest import real_texts
 
 LENGTHS = {"inputs": 64, "targets": 32}
 
 
 @pytest.fixture(scope="module")
-def corpus_task(shared_data, tmp_path_factory, tiny_vocab):
+def corpus_dir(shared_data, tmp_path_factory):
     directory = tmp_path_factory.mktemp("corpus")
     zh, en = real_texts(shared_data, zh_docs=120, en_docs=8, en_chars=1500)
     with open(directory / "docs.jsonl", "w", encoding="utf-8") as handle:
         for text in zh + en:
             handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    source = pretraining.CorpusSource("toy_corpus", "zh", files=["docs.jsonl"], directory=lambda: directory)
-    return pretraining.span_corruption_task("toy_corpus", source, tiny_vocab)
+    return directory
+
+
+def toy_task(name, directory, vocab):
+    source = pretraining.CorpusSource(name, "zh", files=["docs.jsonl"], directory=lambda: directory)
+    return pretraining.span_corruption_task(name, source, vocab)
+
+
+@pytest.fixture(scope="module")
+def corpus_task(corpus_dir, tiny_vocab):
+    return toy_task("toy_corpus", corpus_dir, tiny_vocab)
 
 
 def _take(iterator, n):
@@ -106,3 +122,104 @@ def test_malformed_pretraining_record_fails_with_file_and_line(tmp_path, tiny_vo
     finally:
         settings.set_data_dir(None)
         settings.set_malformed_policy(None)
+
+
+def _live_generators(task_name):
+    """Unfinished `read_records` generators of `task_name` still alive (after a collection)."""
+    gc.collect()
+    return [g for g in gc.get_objects()
+            if inspect.isgenerator(g) and g.gi_code is sources.read_records.__code__ and g.gi_frame is not None
+            and g.gi_frame.f_locals.get("task") == task_name]
+
+
+def test_close_releases_the_source_generator(corpus_dir, tiny_vocab):
+    task = toy_task("toy_close", corpus_dir, tiny_vocab)
+    kwargs = dict(feature_lengths=LENGTHS, batch_size=2, shuffle=False)
+    iterator = pipeline.get_batch_iterator(task, **kwargs)
+    first = _take(iterator, 2)
+    assert _live_generators("toy_close")  # the prefetching pipeline holds it open
+    iterator.close()
+    assert iterator.closed and _live_generators("toy_close") == []
+    iterator.close()  # idempotent
+    with pytest.raises(StopIteration):
+        next(iterator)
+    assert iterator.state()["step"] == 2 and iterator.stats()["examples"] > 0
+    with pipeline.get_batch_iterator(task, **kwargs) as again:
+        assert all(_same(a, b) for a, b in zip(first, _take(again, 2)))
+        assert _live_generators("toy_close")
+        pipeline.close_all()  # what the atexit hook runs
+        assert again.closed and _live_generators("toy_close") == []
+    assert again.closed
+
+
+def test_process_exits_with_an_unclosed_iterator(corpus_dir, tiny_vocab):
+    """A generator-backed tf.data iterator alive at interpreter exit used to hang (or abort) the process.
+
+    The failure was racy (a hang or SIGABRT in most runs, not all); the deterministic check of
+    the `atexit` hook is `close_all` in the test above.
+    """
+    script = textwrap.dedent(f"""
+        import pathlib
+        from cpm2_jax.tasks import pipeline, pretraining, vocabulary
+        directory = pathlib.Path({str(corpus_dir)!r})
+        vocab = vocabulary.SentencePieceVocabulary({tiny_vocab.model_file!r}, extra_ids=100)
+        source = pretraining.CorpusSource("t", "zh", files=["docs.jsonl"], directory=lambda: directory)
+        task = pretraining.span_corruption_task("t", source, vocab)
+        iterator = pipeline.get_batch_iterator(task, feature_lengths={LENGTHS!r}, batch_size=2)
+        next(iterator), next(iterator)
+        print("iterated", flush=True)
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    repo = pipeline.__file__.rsplit("/tasks/", 1)[0]
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=180)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"the process did not exit within {err.timeout} s after iterating: {err.stdout!r}")
+    assert done.returncode == 0 and "iterated" in done.stdout, done.stderr[-2000:]
+
+
+def _holdout(texts, split):
+    dataset = tf.data.Dataset.from_tensor_slices({"text": tf.constant(texts, tf.string)})
+    out = pretraining.holdout(dataset, split, task="toy", where="data dir /nowhere (docs.jsonl)")
+    try:
+        return [x["text"].decode() for x in out.as_numpy_iterator()]
+    except tf.errors.OpError as err:
+        raise pipeline.data_error_from(err) from None
+
+
+def _in_bucket(text):
+    return int(tf.strings.to_hash_bucket_fast(text, pretraining.VALIDATION_BUCKETS)) == 0
+
+
+def test_holdout_is_the_hash_bucket_when_it_is_not_empty():
+    docs = [f"document {i}" for i in range(500)]
+    held = [d for d in docs if _in_bucket(d)]
+    assert held  # about 5 of 500
+    assert _holdout(docs, "validation") == held
+    assert _holdout(docs, "train") == [d for d in docs if not _in_bucket(d)]  # same documents, same order
+
+
+def test_holdout_never_leaves_validation_empty():
+    docs = [d for d in (f"document {i}" for i in range(50)) if not _in_bucket(d)][:4]
+    assert _holdout(docs, "validation") == docs[-1:]  # the last document stands in for the empty bucket
+    assert _holdout(docs, "train") == docs[:-1]
+    assert _holdout(docs[:2], "validation") == docs[1:2] and _holdout(docs[:2], "train") == docs[:1]
+    with pytest.raises(DataError, match=r"task 'toy' split 'validation'.*1 document.*/nowhere.*Hint"):
+        _holdout(docs[:1], "validation")
+    assert _holdout(docs[:1], "train") == docs[:1]
+    bucketed = next(d for d in (f"document {i}" for i in range(500)) if _in_bucket(d))
+    with pytest.raises(DataError, match=r"task 'toy' split 'train'.*/nowhere.*Hint"):
+        _holdout([bucketed], "train")
+
+
+def test_one_document_corpus_names_task_split_and_data_dir(tmp_path, tiny_vocab):
+    (tmp_path / "zh_mono.jsonl").write_text(json.dumps({"text": "只有一篇文档。"}, ensure_ascii=False) + "\n")
+    settings.set_data_dir(tmp_path)
+    try:
+        with pytest.raises(DataError, match=rf"task 'cpm2_pretrain_zh' split 'validation'.*{tmp_path}"):
+            with pipeline.get_batch_iterator(pretraining.ZH_TASK, split="validation", feature_lengths=LENGTHS,
+                                             batch_size=1, num_epochs=1, shuffle=False) as iterator:
+                next(iterator)
+    finally:
+        settings.set_data_dir(None)
