@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import json
 import pathlib
-import random
 import sys
 import tempfile
 import time
@@ -62,34 +61,6 @@ def plot_losses(metrics_file: pathlib.Path, target: pathlib.Path) -> pathlib.Pat
     return target
 
 
-def demo_data_dir(corpus_dir: pathlib.Path, target: pathlib.Path, messages_per_document: int = 20) -> pathlib.Path:
-    """The corpus as pre-training documents of `messages_per_document` catalog messages each.
-
-    The corpus module writes one monolingual document per program (~70 documents), too few
-    for the pre-training tasks' hash-based validation hold-out (it keeps ~1% of documents);
-    shorter documents give the validation split enough text. Translation files are linked.
-    """
-    target.mkdir(parents=True, exist_ok=True)
-    pairs = []
-    for split in ("train", "validation"):
-        with open(corpus_dir / f"en_zh_{split}.jsonl", encoding="utf-8") as handle:
-            pairs.extend(json.loads(line) for line in handle)
-        link = target / f"en_zh_{split}.jsonl"
-        if not link.exists():
-            link.symlink_to(corpus_dir / f"en_zh_{split}.jsonl")
-    chunks = [pairs[start:start + messages_per_document] for start in range(0, len(pairs), messages_per_document)]
-    # Documents in a fixed random order: the training stream mixes programs instead of
-    # walking through them one by one (the pipeline's shuffle buffer is small next to that).
-    order = random.Random(0).sample(range(len(chunks)), len(chunks))
-    for language in ("zh", "en"):
-        with open(target / f"{language}_mono.jsonl", "w", encoding="utf-8") as handle:
-            for index in order:
-                chunk = chunks[index]
-                handle.write(json.dumps({"text": "\n".join(p[language] for p in chunk),
-                                         "source": f"gettext/{chunk[0].get('domain', '')}"}, ensure_ascii=False) + "\n")
-    return target
-
-
 def _say(text: str = "") -> None:
     print(text, flush=True)
 
@@ -112,8 +83,7 @@ def run(args) -> int:
     out = pathlib.Path(args.output_dir or tempfile.mkdtemp(prefix="cpm2_demo_")).absolute()
     out.mkdir(parents=True, exist_ok=True)
     corpus_dir = demo_corpus.prepare()
-    data_dir = demo_data_dir(corpus_dir, out / "data")
-    settings.set_data_dir(data_dir)
+    settings.set_data_dir(corpus_dir)
     vocabulary = settings.resolved_vocabulary()
     config = demo_model_config(vocabulary.vocab_size)
     mesh_shape = {"data": jax.device_count()}
@@ -122,8 +92,7 @@ def run(args) -> int:
     n_params = param_count(abstract.abstract_params())
 
     _say(f"cpm2 demo: output directory {out}")
-    _say(f"  corpus      {corpus_dir} (gettext English->Chinese catalogs of this machine; see tasks/demo_corpus.py)")
-    _say(f"              as pre-training documents in {data_dir}")
+    _say(f"  corpus      {corpus_dir} (gettext English->Chinese catalogs of this machine, in documents of 20 messages; see tasks/demo_corpus.py)")
     _say(f"  vocabulary  {settings.vocabulary_path()} ({vocabulary.vocab_size} ids incl. sentinels)")
     _say(f"  model       CPM-2 layout, {config.num_encoder_layers}+{config.num_decoder_layers} layers, d_model "
          f"{config.d_model}, {n_params:,} parameters")
