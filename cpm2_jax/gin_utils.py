@@ -160,3 +160,24 @@ def _known_configurables() -> list[str]:
         return [str(k) for k, _ in registry.items()]
     except Exception:  # registry layout differs between gin versions
         return []
+
+
+def binary_main(prog: str, doc: str, add_flags, run, argv: Optional[Sequence[str]] = None) -> int:
+    """The `main` of each gin binary (`python -m cpm2_jax.train|eval|infer`): t5x flags in,
+    `run(args)` called, a CPM2Error printed as one line with exit status 2."""
+    import sys
+
+    from cpm2_jax.errors import CPM2Error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    add_flags(parser)
+    name = prog.rsplit(".", 1)[-1]
+    try:
+        argv, dot = split_gin_dot_flags(argv)
+        args = parser.parse_args(argv)
+        args.gin_bindings = list(args.gin_bindings) + dot
+        return run(args)
+    except CPM2Error as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return 2

@@ -362,21 +362,11 @@ def run(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from cpm2_jax.errors import CPM2Error
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m cpm2_jax.infer", description=__doc__.splitlines()[0])
-    add_flags(parser)
-    try:
-        argv, dot = gin_utils.split_gin_dot_flags(argv)
-        args = parser.parse_args(argv)
-        args.gin_bindings = list(args.gin_bindings) + dot
-        return run(args)
-    except CPM2Error as err:
-        print(f"infer: error: {err}", file=sys.stderr)
-        return 2
+    return gin_utils.binary_main("python -m cpm2_jax.infer", __doc__, add_flags, run, argv)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from cpm2_jax.tf_import import quiet_tensorflow_import
+
+    quiet_tensorflow_import()
     sys.exit(main())
