@@ -1,6 +1,7 @@
 """Bias-free projections and the shared token embedding, each parameter with logical axis names."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -8,6 +9,36 @@ import jax
 import jax.numpy as jnp
 
 from cpm2_jax.config import dtype_of
+
+
+def weight_grad(inputs: jax.Array, grads: jax.Array) -> jax.Array:
+    """inputs^T . grads summed over all leading (token) axes: the kernel gradient of `x @ w`.
+
+    Computed as (grads^T . inputs)^T: the same products and sums as autodiff's transpose of
+    the matmul, but XLA:CPU then transposes the small [out, in] result instead of the large
+    [tokens, out] gradient (which it otherwise copies, with any elementwise backward fused
+    into a slow strided loop, before every weight-gradient matmul).
+    """
+    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+    return jax.lax.dot_general(flat(grads), flat(inputs), (((0,), (0,)), ((), ()))).T
+
+
+@jax.custom_vjp
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w for x [tokens, in], w [in, out], with the kernel gradient of `weight_grad`."""
+    return x @ w
+
+
+def _linear_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _linear_bwd(res, dy):
+    x, w = res
+    return dy @ w.T, weight_grad(x, dy)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def normal_init(std: float):
@@ -38,9 +69,10 @@ class Projection(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(normal_init(self.init_std), tuple(self.kernel_axes)),
                             shape, dtype_of(self.param_dtype))
         dtype = dtype_of(self.dtype)
-        contract = tuple(range(x.ndim - self.num_input_axes, x.ndim))
-        return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
-                                   ((contract, tuple(range(self.num_input_axes))), ((), ())))
+        in_size, out_size = math.prod(in_shape), math.prod(features)
+        lead = x.shape[:x.ndim - self.num_input_axes]
+        y = linear(x.astype(dtype).reshape(-1, in_size), kernel.astype(dtype).reshape(in_size, out_size))
+        return y.reshape(lead + features)
 
 
 class Embed(nn.Module):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from cpm2_jax.config import FFN_WEIGHTS, dtype_of
-from cpm2_jax.model.dense import Projection
+from cpm2_jax.model.dense import Projection, weight_grad
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -31,10 +31,37 @@ def gated_gelu(x: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, *,
     """
     dtype = dtype or x.dtype
     x = x.astype(dtype)
-    h = gelu(x @ wi_0.astype(dtype)) * (x @ wi_1.astype(dtype))
+    wi_0, wi_1, wo = (w.astype(dtype) for w in (wi_0, wi_1, wo))
+    if dropout is None and wi_0.ndim == 2 and wi_1.ndim == 2 and wo.ndim == 2:
+        return _gated_gelu_2d(x, wi_0, wi_1, wo)
+    h = gelu(x @ wi_0) * (x @ wi_1)
     if dropout is not None:
         h = dropout(h)
-    return h @ wo.astype(dtype)
+    return h @ wo
+
+
+@jax.custom_vjp
+def _gated_gelu_2d(x, wi_0, wi_1, wo):
+    return (gelu(x @ wi_0) * (x @ wi_1)) @ wo
+
+
+def _gated_gelu_fwd(x, wi_0, wi_1, wo):
+    a, b = x @ wi_0, x @ wi_1
+    g = gelu(a)
+    h = g * b
+    return h @ wo, (x, wi_0, wi_1, wo, a, b, g, h)
+
+
+def _gated_gelu_bwd(res, dy):
+    x, wi_0, wi_1, wo, a, b, g, h = res
+    dh = dy @ wo.T
+    da = jax.vjp(gelu, a)[1](dh * b)[0]
+    db = dh * g
+    dx = da @ wi_0.T + db @ wi_1.T
+    return dx, weight_grad(x, da), weight_grad(x, db), weight_grad(h, dy)
+
+
+_gated_gelu_2d.defvjp(_gated_gelu_fwd, _gated_gelu_bwd)
 
 
 def relu_ffn(x: jax.Array, wi: jax.Array, wo: jax.Array, *, dropout=None, dtype=None) -> jax.Array:
@@ -75,6 +102,10 @@ class MlpBlock(nn.Module):
         weights["wo"] = self.param("wo", nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
                                                                       ("mlp", "embed")), (self.d_ff, d_model), pdtype)
         drop = nn.Dropout(self.dropout_rate)
-        return feed_forward(x, weights, self.activation, dtype=dtype_of(self.dtype),
-                            dropout=lambda h: nn.with_logical_constraint(
-                                drop(h, deterministic=self.deterministic), ("batch", "length", "mlp")))
+        dropout = None
+        if self.dropout_rate > 0.0 and not self.deterministic:
+            dropout = lambda h: nn.with_logical_constraint(  # noqa: E731
+                drop(h, deterministic=False), ("batch", "length", "mlp"))
+        elif self.activation != "gated_gelu":
+            dropout = lambda h: nn.with_logical_constraint(h, ("batch", "length", "mlp"))  # noqa: E731
+        return feed_forward(x, weights, self.activation, dtype=dtype_of(self.dtype), dropout=dropout)
