@@ -21,34 +21,13 @@ import statistics
 import sys
 import time
 
+from timing import pin_threads, timed_interleaved  # noqa: E402  (benchmarks/timing.py)
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "forward.json"
 
 
-def _pin_threads(threads: int) -> int:
-    """Restricts the process to `threads` cores (before jax/torch start their pools)."""
-    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
-    threads = min(threads or len(available), len(available))
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, available[:threads])
-    return threads
 
 
-def _timed_interleaved(fns: dict, warmup: int, reps: int) -> tuple[dict, dict]:
-    """Warms each function up, then times them in turn, `reps` rounds, so that both sides
-    see the same background load. Returns (first-call seconds, list of timed seconds) by name."""
-    first, times = {}, {name: [] for name in fns}
-    for name, fn in fns.items():
-        start = time.perf_counter()
-        fn()
-        first[name] = time.perf_counter() - start
-        for _ in range(warmup - 1):
-            fn()
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return first, times
 
 
 def bench_config(name: str, args) -> dict:
@@ -91,7 +70,7 @@ def bench_config(name: str, args) -> dict:
         with torch.inference_mode():
             torch_out["logits"] = hf_model(input_ids=enc_t, attention_mask=mask_t, decoder_input_ids=dec_t).logits
 
-    first, times = _timed_interleaved({"jax": run_jax, "torch": run_torch}, args.warmup, args.reps)
+    first, times = timed_interleaved({"jax": run_jax, "torch": run_torch}, args.warmup, args.reps)
     jax_first, torch_first, jax_times, torch_times = first["jax"], first["torch"], times["jax"], times["torch"]
     diff = float(np.abs(np.asarray(jax_out["logits"]) - torch_out["logits"].numpy()).max())
     jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
@@ -122,7 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
 
-    threads = _pin_threads(args.threads)
+    threads = pin_threads(args.threads)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import jax

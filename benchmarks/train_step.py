@@ -24,31 +24,13 @@ import statistics
 import sys
 import time
 
+from timing import pin_threads, timed_interleaved  # noqa: E402  (benchmarks/timing.py)
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "train_step.json"
 
 
-def _pin_threads(threads: int) -> int:
-    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
-    threads = min(threads or len(available), len(available))
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, available[:threads])
-    return threads
 
 
-def _interleaved(fns: dict, warmup: int, reps: int) -> tuple[dict, dict]:
-    first, times = {}, {name: [] for name in fns}
-    for name, fn in fns.items():
-        start = time.perf_counter()
-        fn()
-        first[name] = time.perf_counter() - start
-        for _ in range(warmup - 1):
-            fn()
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return first, times
 
 
 def matmul_peak(n: int, reps: int) -> dict:
@@ -129,7 +111,7 @@ def bench(args) -> dict:
         optimizer.step()
         torch_losses.append(float(out.loss.detach()))
 
-    first, times = _interleaved({"jax": run_jax, "torch": run_torch}, args.warmup, args.reps)
+    first, times = timed_interleaved({"jax": run_jax, "torch": run_torch}, args.warmup, args.reps)
     jax_s, torch_s = statistics.median(times["jax"]), statistics.median(times["torch"])
     peak = matmul_peak(args.matmul_n, args.reps)
     achieved = step_flops / jax_s
@@ -170,7 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
 
-    threads = _pin_threads(args.threads)
+    threads = pin_threads(args.threads)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import jax

@@ -1,0 +1,32 @@
+"""Timing helpers shared by the side-by-side benchmarks (this project vs PyTorch)."""
+from __future__ import annotations
+
+import os
+import time
+
+
+def pin_threads(threads: int) -> int:
+    """Restricts the process to `threads` cores (before jax/torch start their pools)."""
+    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+    threads = min(threads or len(available), len(available))
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, available[:threads])
+    return threads
+
+
+def timed_interleaved(fns: dict, warmup: int, reps: int) -> tuple[dict, dict]:
+    """Warms each function up, then times them in turn, `reps` rounds, so that both sides
+    see the same background load. Returns (first-call seconds, list of timed seconds) by name."""
+    first, times = {}, {name: [] for name in fns}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - start
+        for _ in range(warmup - 1):
+            fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return first, times
