@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 
-from timing import pin_threads, timed_interleaved  # noqa: E402  (benchmarks/timing.py)
+from timing import start_cpu_frameworks, timed_interleaved  # noqa: E402  (benchmarks/timing.py)
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "forward.json"
 
@@ -101,14 +101,11 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
 
-    threads = pin_threads(args.threads)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    threads = start_cpu_frameworks(args.threads)
     import jax
     import torch
     import transformers
 
-    torch.set_num_threads(threads)
     results = [bench_config(name.strip(), args) for name in args.configs.split(",") if name.strip()]
     report = {
         "benchmark": "forward",

@@ -30,3 +30,15 @@ def timed_interleaved(fns: dict, warmup: int, reps: int) -> tuple[dict, dict]:
             fn()
             times[name].append(time.perf_counter() - start)
     return first, times
+
+
+def start_cpu_frameworks(threads: int) -> int:
+    """Pins the process to `threads` cores, then starts jax (CPU) and torch with that many
+    threads, so both sides of a comparison run on the same cores. Returns the thread count."""
+    threads = pin_threads(threads)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import torch
+
+    torch.set_num_threads(threads)
+    return threads

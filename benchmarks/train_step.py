@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 
-from timing import pin_threads, timed_interleaved  # noqa: E402  (benchmarks/timing.py)
+from timing import start_cpu_frameworks, timed_interleaved  # noqa: E402  (benchmarks/timing.py)
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "train_step.json"
 
@@ -152,14 +152,11 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
 
-    threads = pin_threads(args.threads)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    threads = start_cpu_frameworks(args.threads)
     import jax
     import torch
     import transformers
 
-    torch.set_num_threads(threads)
     # XLA's CPU code flushes denormals to zero; torch does not by default, and Adam's second
     # moments of small gradients are denormal often enough to slow torch several-fold.
     torch.set_flush_denormal(True)
