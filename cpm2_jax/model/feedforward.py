@@ -52,13 +52,24 @@ def _gated_gelu_fwd(x, wi_0, wi_1, wo):
     return h @ wo, (x, wi_0, wi_1, wo, a, b, g, h)
 
 
-def _gated_gelu_bwd(res, dy):
-    x, wi_0, wi_1, wo, a, b, g, h = res
+def gated_gelu_grads(x, wi_0, wi_1, wo, a, b, dy, g=None, h=None):
+    """(dx, dwi_0, dwi_1, dwo) of y = (gelu(a) * b) wo, a = x wi_0, b = x wi_1, for 2-D x, from
+    the saved pre-activations a, b (g = gelu(a) and h = g b recomputed unless given). Shared by
+    the dense block and the per-expert loop of the MoE layer (moe.expert_loop)."""
+    if g is None:
+        g = gelu(a)
+    if h is None:
+        h = g * b
     dh = dy @ wo.T
     da = jax.vjp(gelu, a)[1](dh * b)[0]
     db = dh * g
     dx = da @ wi_0.T + db @ wi_1.T
     return dx, weight_grad(x, da), weight_grad(x, db), weight_grad(h, dy)
+
+
+def _gated_gelu_bwd(res, dy):
+    x, wi_0, wi_1, wo, a, b, g, h = res
+    return gated_gelu_grads(x, wi_0, wi_1, wo, a, b, dy, g, h)
 
 
 _gated_gelu_2d.defvjp(_gated_gelu_fwd, _gated_gelu_bwd)

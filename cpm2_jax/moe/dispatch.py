@@ -7,6 +7,10 @@
 - one-hot (`einsum`, GShard / flaxformer): dispatch tensor D [G, S, E*C] in {0, 1},
   rows = D^T x, out = (D * weight)^T y: simple and shardable, O(S E C d) work.
 Combining: y_token = sum_a weight_a y_a over the token's assignments.
+
+The slot gathers of `padded` are permutations (each token fills at most k slots, each slot
+holds at most one assignment), so their transposes are gathers too (`take_rows`): autodiff
+would scatter-add into a zeroed buffer instead, ~2x the memory traffic on CPU.
 """
 from __future__ import annotations
 
@@ -28,7 +32,36 @@ class ExpertRows:
     rows: jax.Array
     group_sizes: Optional[jax.Array] = None  # ragged: [E]
     row_expert: Optional[jax.Array] = None  # ragged: [M] expert of each row (E for dropped rows)
-    inverse: Optional[jax.Array] = None  # ragged: [G*A] row of each assignment
+    inverse: Optional[jax.Array] = None  # ragged: [G*A] row of each assignment; padded: [G, E*C] assignment of each slot
+
+
+@jax.custom_vjp
+def take_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """y[g, m] = x[g, index[g, m]] (zero where index[g, m] >= N) for x [G, N, d], index [G, M].
+
+    `inverse` [G, J, N] lists the rows of y that read each row n of x (M where fewer than J
+    do): the transpose dx[g, n] = sum_j dy[g, inverse[g, j, n]] is then J gathers, no scatter.
+    """
+    return _gather(x, index)
+
+
+def _gather(x, index):
+    return jnp.take_along_axis(x, index[..., None], axis=1, mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x, index, inverse):
+    return _gather(x, index), (index, inverse)
+
+
+def _take_rows_bwd(res, dy):
+    index, inverse = res
+    dx = _gather(dy, inverse[:, 0])
+    for j in range(1, inverse.shape[1]):
+        dx = dx + _gather(dy, inverse[:, j])
+    return dx, None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def _slots(routing: Routing) -> jax.Array:
@@ -78,12 +111,19 @@ def to_experts(x: jax.Array, routing: Routing, backend: str) -> ExpertRows:
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
         return ExpertRows(rows=rows, group_sizes=group_sizes, row_expert=key[order], inverse=inverse)
     if backend == "padded":
-        slot_token = jnp.full((g, e * c), s, jnp.int32)
-        slot_token = jax.vmap(lambda st, sl, t: st.at[sl].set(t, mode="drop"))(slot_token, _slots(routing),
-                                                                              routing.token)
-        # Empty slots hold the out-of-range index S and read zeros (no padded copy of x).
-        rows = jnp.take_along_axis(x, slot_token[..., None], axis=1, mode="fill", fill_value=0)
-        return ExpertRows(rows=rows.reshape(g, e, c, d))
+        slots = _slots(routing)
+        a = slots.shape[1]
+        # Assignment in every slot (A where empty); empty slots read the zero row past x's end.
+        slot_assign = jax.vmap(lambda sl: jnp.full((e * c,), a, jnp.int32).at[sl].set(
+            jnp.arange(a, dtype=jnp.int32), mode="drop"))(slots)
+        if routing.token_major:  # assignment a is choice a // S of token a % S
+            slot_token = jnp.where(slot_assign < a, slot_assign % s, s)
+            rows = take_rows(x, slot_token, slots.reshape(g, a // s, s))
+        else:
+            slot_token = jnp.where(slot_assign < a, jnp.take_along_axis(
+                routing.token, jnp.minimum(slot_assign, a - 1), axis=1), s)
+            rows = jnp.take_along_axis(x, slot_token[..., None], axis=1, mode="fill", fill_value=0)
+        return ExpertRows(rows=rows.reshape(g, e, c, d), inverse=slot_assign)
     if backend == "einsum":
         dispatch, _ = _one_hot_dispatch(routing, x.dtype)
         return ExpertRows(rows=jnp.einsum("gsf,gsd->gfd", dispatch, x).reshape(g, e, c, d))
@@ -99,7 +139,7 @@ def from_experts(y: ExpertRows, routing: Routing, backend: str) -> jax.Array:
     if backend == "padded":
         flat = y.rows.reshape(g, e * c, d)
         # Per group (shardable); dropped assignments hold the out-of-range slot E*C and read zeros.
-        y_assign = jnp.take_along_axis(flat, _slots(routing)[..., None], axis=1, mode="fill", fill_value=0)
+        y_assign = take_rows(flat, _slots(routing), y.inverse[:, None, :])
         return _weighted_sum_over_tokens(y_assign.reshape(g * a, d), routing)
     flat = y.rows.reshape(g, e * c, d)
     if backend == "einsum":

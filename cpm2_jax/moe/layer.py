@@ -23,7 +23,9 @@ from cpm2_jax.config import FFN_WEIGHTS, ModelConfig, dtype_of
 from cpm2_jax.errors import ConfigError
 from cpm2_jax.model.feedforward import gelu
 from cpm2_jax.moe.dispatch import ExpertRows, from_experts, to_experts
-from cpm2_jax.moe.grouped_matmul import RAGGED_BACKENDS, check_backend, grouped_matmul, select_backend
+from cpm2_jax.moe.expert_loop import looped_gated_gelu
+from cpm2_jax.moe.grouped_matmul import (RAGGED_BACKENDS, check_backend, grouped_matmul, select_backend,
+                                         use_expert_loop)
 from cpm2_jax.moe.routing import Router, Routing
 
 # Logical axes of the batched expert buffers: before the exchange (split like the batch) and
@@ -42,30 +44,34 @@ def routing_groups(batch: int, length: int, group_size: int) -> tuple[int, int]:
 
 
 def expert_ffn(rows: ExpertRows, weights: dict, *, activation: str = "gated_gelu", backend: str, dtype,
-               dropout=None) -> ExpertRows:
+               dropout=None, expert_loop: bool = False) -> ExpertRows:
     """Every row through its expert: scale by s_e (the rest of the expert's RMSNorm, when the
     experts hold `norm_scale`), then the expert FFN (feedforward.feed_forward's arithmetic) with
-    grouped matmuls."""
-    if backend in RAGGED_BACKENDS:
-        sizes = rows.group_sizes
-    else:
-        sizes = None
+    grouped matmuls. Batched buffers [G, E, C, d] run expert-major as [E, G*C, d] (free when
+    G = 1) so every expert is one matrix of rows."""
+    ragged = backend in RAGGED_BACKENDS
+    sizes = rows.group_sizes if ragged else None
     h_in = rows.rows
+    if not ragged:
+        g, e, c, d = h_in.shape
+        h_in = jnp.moveaxis(h_in, 1, 0).reshape(e, g * c, d) if g > 1 else h_in.reshape(e, c, d)
+    if (expert_loop and not ragged and activation == "gated_gelu" and dropout is None
+            and "norm_scale" in weights):
+        # CPU, experts on one device: the whole block per expert (moe.expert_loop).
+        out = looped_gated_gelu(h_in, weights["norm_scale"],
+                                *(weights[n].astype(dtype) for n in ("wi_0", "wi_1", "wo")))
+        return rows.replace(rows=_from_expert_major(out, g, e, c, d))
     if "norm_scale" in weights:
         norm_scale = weights["norm_scale"].astype(jnp.float32)
-        if backend in RAGGED_BACKENDS:
+        if ragged:
             scale = jnp.take(norm_scale, jnp.minimum(rows.row_expert, norm_scale.shape[0] - 1), axis=0)
-            h_in = h_in.astype(jnp.float32) * scale
-        elif h_in.shape[0] == 1:
-            # One routing group: scale the [E, C, d] view, so the scale's gradient reduces one
-            # middle axis (XLA:CPU ran the [1, E, C, d] reduction over (G, C) ~10x slower).
-            h_in = (h_in[0].astype(jnp.float32) * norm_scale[:, None, :])[None]
         else:
-            h_in = h_in.astype(jnp.float32) * norm_scale[:, None, :]  # [E, 1, d] over [G, E, C, d]
+            scale = norm_scale[:, None, :]  # [E, 1, d] over [E, M, d]
+        h_in = h_in.astype(jnp.float32) * scale
     h_in = h_in.astype(dtype)
 
     def matmul(lhs, name):
-        return grouped_matmul(lhs, weights[name], sizes, backend=backend, dtype=dtype)
+        return grouped_matmul(lhs, weights[name], sizes, backend=backend, dtype=dtype, expert_loop=expert_loop)
 
     if activation == "gated_gelu":
         h = gelu(matmul(h_in, "wi_0")) * matmul(h_in, "wi_1")
@@ -73,7 +79,14 @@ def expert_ffn(rows: ExpertRows, weights: dict, *, activation: str = "gated_gelu
         h = jax.nn.relu(matmul(h_in, "wi"))
     if dropout is not None:
         h = dropout(h)
-    return rows.replace(rows=matmul(h, "wo"))
+    out = matmul(h, "wo")
+    return rows.replace(rows=out if ragged else _from_expert_major(out, g, e, c, d))
+
+
+def _from_expert_major(out, g, e, c, d):
+    """[E, G*C, d] -> the dispatch layout [G, E, C, d]."""
+    out = out.reshape(e, g, c, d)
+    return jnp.moveaxis(out, 0, 1) if g > 1 else out.reshape(g, e, c, d)
 
 
 class Experts(nn.Module):
@@ -118,11 +131,12 @@ class MoeBlock(nn.Module):
         g, s = routing_groups(b, length, c.moe_group_size)
         xg = nn.with_logical_constraint(x.reshape(g, s, d), ("batch", "length", "embed"))
         x32 = xg.astype(jnp.float32)
-        normed = x32
+        normed, inv_rms = x32, None
         if c.moe_expert_norm:
-            normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + c.layer_norm_epsilon)
+            inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + c.layer_norm_epsilon)
+            normed = x32 * inv_rms  # read by the dispatch gather (fused there, not stored)
 
-        routing: Routing = Router(config=c, deterministic=self.deterministic, name="router")(normed)
+        routing: Routing = Router(config=c, deterministic=self.deterministic, name="router")(x32, inv_rms)
 
         experts = Experts(config=c, name="experts")(d)
         routed = int(routing.kept.size)
@@ -133,8 +147,12 @@ class MoeBlock(nn.Module):
             rows = rows.replace(rows=nn.with_logical_constraint(
                 nn.with_logical_constraint(rows.rows, _BATCH_SIDE), _EXPERT_SIDE))
         drop = nn.Dropout(c.dropout_rate)
+        dropout = None
+        if c.dropout_rate > 0 and not self.deterministic:
+            dropout = lambda h: drop(h, deterministic=False)  # noqa: E731
         out = expert_ffn(rows, experts, activation=c.ffn_activation, backend=backend, dtype=dtype,
-                         dropout=lambda h: drop(h, deterministic=self.deterministic))
+                         dropout=dropout,
+                         expert_loop=batched and use_expert_loop())
         if batched:
             out = out.replace(rows=nn.with_logical_constraint(
                 nn.with_logical_constraint(out.rows, _EXPERT_SIDE), _BATCH_SIDE))

@@ -187,7 +187,10 @@ class Router(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, normed: jax.Array) -> Routing:
+    def __call__(self, normed: jax.Array, row_scale: Optional[jax.Array] = None) -> Routing:
+        """Routes `normed` [G, S, d], or, with `row_scale` [G, S, 1], the tokens normed * row_scale:
+        the scale is then applied to the [G, S, E] scores ((x r) W = r (x W)), so the MoE layer
+        never materialises the normalised [G, S, d] tokens for the router."""
         c = self.config
         e = c.num_experts
         if c.moe_router not in ROUTERS:
@@ -195,10 +198,14 @@ class Router(nn.Module):
                               f"known: {', '.join(ROUTERS)}")
         d = normed.shape[-1]
         x = normed.astype(jnp.float32)
+
+        def scaled(scores):
+            return scores if row_scale is None else scores * row_scale.astype(jnp.float32)
+
         if c.moe_router == "balanced":
             centroids = self.param("centroids", nn.with_logical_partitioning(
                 nn.initializers.orthogonal(scale=CENTROID_GAIN), ("embed", "unmodeled")), (d, e), jnp.float32)
-            affinity = x @ jax.lax.stop_gradient(centroids.astype(jnp.float32))
+            affinity = scaled(x @ jax.lax.stop_gradient(centroids.astype(jnp.float32)))
             use_balanced = not (self.deterministic and c.moe_eval_argmax)
             return route_balanced(affinity, balanced=use_balanced)
         kernel = self.param("kernel", nn.with_logical_partitioning(
@@ -207,7 +214,7 @@ class Router(nn.Module):
             noise = jax.random.uniform(self.make_rng("dropout"), x.shape, jnp.float32,
                                        1.0 - c.moe_jitter, 1.0 + c.moe_jitter)
             x = x * noise
-        logits = x @ kernel.astype(jnp.float32)
+        logits = scaled(x @ kernel.astype(jnp.float32))
         if c.moe_router_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("unmodeled",)),
                               (e,), jnp.float32)

@@ -1,11 +1,12 @@
 """The grouped matmul: ragged_dot and the batched backends against a per-expert loop; backend choice."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cpm2_jax.errors import ConfigError
-from cpm2_jax.moe.grouped_matmul import grouped_matmul, select_backend
+from cpm2_jax.moe.grouped_matmul import expert_axis_sharded, grouped_matmul, select_backend, use_expert_loop
 
 
 def test_ragged_and_batched_match_a_loop():
@@ -20,10 +21,42 @@ def test_ragged_and_batched_match_a_loop():
         start += n
     got = grouped_matmul(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes), backend="ragged_dot")
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
-    batched = rng.randn(2, 4, 3, 6).astype(np.float32)  # [G, E, C, K]
+    batched = rng.randn(4, 3, 6).astype(np.float32)  # [E, M, K]
     for backend in ("padded", "einsum"):
-        got = grouped_matmul(jnp.asarray(batched), jnp.asarray(rhs), backend=backend)
-        np.testing.assert_allclose(np.asarray(got), np.einsum("geck,ekn->gecn", batched, rhs), rtol=1e-5, atol=1e-5)
+        for loop in (False, True):
+            got = grouped_matmul(jnp.asarray(batched), jnp.asarray(rhs), backend=backend, expert_loop=loop)
+            np.testing.assert_allclose(np.asarray(got), np.einsum("emk,ekn->emn", batched, rhs), rtol=1e-5, atol=1e-5)
+
+
+def test_expert_loop_gradients_match_the_batched_dot():
+    """The loop form's hand-written backward (2-D input gradients, batched weight gradient)."""
+    rng = np.random.RandomState(1)
+    lhs, rhs = jnp.asarray(rng.randn(4, 5, 6), jnp.float32), jnp.asarray(rng.randn(4, 6, 3), jnp.float32)
+    probe = jnp.asarray(rng.randn(4, 5, 3), jnp.float32)
+
+    def loss(loop):
+        return lambda a, b: jnp.sum(jnp.sin(grouped_matmul(a, b, backend="padded", expert_loop=loop)) * probe)
+
+    want = jax.grad(loss(False), argnums=(0, 1))(lhs, rhs)
+    got = jax.jit(jax.grad(loss(True), argnums=(0, 1)))(lhs, rhs)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    # By hand for one expert: d/dW_e sum(sin(x_e W_e) * p_e) = x_e^T (cos(x_e W_e) * p_e).
+    by_hand = np.asarray(lhs[2]).T @ (np.cos(np.asarray(lhs[2]) @ np.asarray(rhs[2])) * np.asarray(probe[2]))
+    np.testing.assert_allclose(np.asarray(got[1][2]), by_hand, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_loop_only_where_experts_are_not_split():
+    from cpm2_jax.partitioning import LOGICAL_AXIS_RULES, cpu_test_mesh, mesh_context, rules_for_mesh
+
+    assert use_expert_loop(platform="cpu")
+    assert not use_expert_loop(platform="gpu")
+    mesh = cpu_test_mesh(data=2, model=1, expert=4)
+    with mesh_context(mesh), nn.logical_axis_rules(rules_for_mesh(mesh.axis_names, LOGICAL_AXIS_RULES)):
+        assert expert_axis_sharded() and not use_expert_loop(platform="cpu")
+    mesh = cpu_test_mesh(data=8, model=1)
+    with mesh_context(mesh), nn.logical_axis_rules(rules_for_mesh(mesh.axis_names, LOGICAL_AXIS_RULES)):
+        assert not expert_axis_sharded() and use_expert_loop(platform="cpu")
 
 
 def test_backend_selection():
