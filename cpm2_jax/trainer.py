@@ -202,7 +202,9 @@ class Trainer:
         accum = cfg.grad_accum_steps
         total_weight = jnp.maximum(jnp.sum(_loss_weights(batch)), 1.0)
         dropout_base = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), state.step)
-        enable_dropout = self.model_config.dropout_rate > 0
+        # Training mode whatever the dropout rate: MoE routers train differently from how they
+        # infer (balanced assignment vs argmax, jitter); a rate-0 dropout is a no-op.
+        enable_dropout = True
         trainable = optim.trainable_subtree(state.params, self.mask)
 
         def objective(sub, micro, index):

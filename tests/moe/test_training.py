@@ -33,3 +33,34 @@ def test_moe_tiny_trains_with_the_train_binary(tmp_path, router):
     records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r.get("split") == "train"]
     assert len(losses) >= 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+
+
+def test_train_step_routes_in_training_mode_without_dropout(monkeypatch):
+    """With dropout_rate 0 the train step still runs the model in training mode, so the BASE
+    router balances (argmax is its inference fallback); the eval step uses the fallback."""
+    import jax.numpy as jnp
+
+    from cpm2_jax.config import get_config
+    from cpm2_jax.moe import routing
+    from cpm2_jax.partitioning import make_mesh
+    from cpm2_jax.trainer import Trainer, TrainerConfig
+
+    seen = []
+    original = routing.route_balanced
+
+    def recording(affinity, *, balanced=True, **kw):
+        seen.append(balanced)
+        return original(affinity, balanced=balanced, **kw)
+
+    monkeypatch.setattr(routing, "route_balanced", recording)
+    config = get_config("cpm2_moe_tiny", dropout_rate=0.0, moe_router="balanced")
+    trainer = Trainer(config, TrainerConfig(), make_mesh({"data": 1}), total_steps=2)
+    state = trainer.init_state()
+    batch = {"encoder_input_tokens": jnp.ones((2, 8), jnp.int32), "decoder_input_tokens": jnp.ones((2, 8), jnp.int32),
+             "decoder_target_tokens": jnp.ones((2, 8), jnp.int32)}
+    seen.clear()
+    state, _ = trainer.train_step(state, batch)  # the old state is donated
+    assert seen and all(seen)
+    seen.clear()
+    trainer.eval_step(state.params, batch)
+    assert seen and not any(seen)
