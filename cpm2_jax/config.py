@@ -68,6 +68,9 @@ class ModelConfig:
     moe_expert_norm: bool = True
     moe_router_bias: bool = False
     moe_expert_capacity: int = 0
+    # BASE: refill the routing groups with tokens from all groups before balanced assignment,
+    # in training (moe.shuffle; needs >1 group and a dropout rng, which the trainer passes).
+    moe_shuffle_tokens: bool = True
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "d_ff", "num_heads", "head_dim",

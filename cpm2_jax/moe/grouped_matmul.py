@@ -48,13 +48,22 @@ def check_backend(name: str) -> None:
                           f"known: auto, {', '.join(BACKENDS)}")
 
 
-def select_backend(name: str, *, routed_rows: int, padded_rows: int, platform: Optional[str] = None) -> str:
-    """`name`, or for `auto` the measured default of the platform (see AUTO_BACKEND)."""
+def select_backend(name: str, *, routed_rows: int, padded_rows: int, platform: Optional[str] = None,
+                   expert_sharded: Optional[bool] = None) -> str:
+    """`name`, or for `auto` the measured default of the platform (see AUTO_BACKEND).
+
+    Under expert parallelism (`expert_sharded`, by default read from the mesh in scope) `auto`
+    takes `padded`: its [G, E, C, d] buffers move between batch and expert shards by one
+    all-to-all, while the ragged layout's global sort is partitioned by XLA into an all-reduce
+    of every token's output on every device (no ragged all-to-all here yet).
+    """
     check_backend(name)
     if name != "auto":
         return name
     platform = platform or jax.default_backend()
-    choice = AUTO_BACKEND.get(platform, "padded")
+    if expert_sharded is None:
+        expert_sharded = expert_axis_sharded()
+    choice = "padded" if expert_sharded else AUTO_BACKEND.get(platform, "padded")
     if choice == "padded" and padded_rows > MAX_PADDING_RATIO * routed_rows:
         choice = "ragged_dot"
     return choice

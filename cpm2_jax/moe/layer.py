@@ -1,11 +1,12 @@
 """The MoE feed-forward block of CPM-2-MoE: y = sum_a w_a Expert_{e_a}(x), each expert the dense
 pre-norm gated-GELU block with its own RMSNorm (CPM2_FACTS "Mixture of experts").
 
+    (training, balanced router) groups refilled with tokens of all groups (moe.shuffle, BASE)
     n = x / rms(x)                       (token-wise part of every expert's RMSNorm)
     routing = Router(n)                  (moe.routing; float32)
     rows = dispatch(n)                   (moe.dispatch; layout of the backend)
     h = gelu((rows*s_e) W0_e) * ((rows*s_e) W1_e);  out_e = h Wo_e   (moe.grouped_matmul)
-    y = combine(out)                     (weighted sum over each token's experts)
+    y = combine(out)                     (weighted sum over each token's experts; unshuffled)
 
 Switch layout (moe_expert_norm=False, ffn_activation="relu"): the caller applies one shared
 pre-norm, n is its output, and each expert is relu(n Wi_e) Wo_e. The caller adds the residual: x + dropout(y). Parameters carry the `expert` logical axis, so
@@ -27,6 +28,7 @@ from cpm2_jax.moe.expert_loop import looped_gated_gelu
 from cpm2_jax.moe.grouped_matmul import (RAGGED_BACKENDS, check_backend, grouped_matmul, select_backend,
                                          use_expert_loop)
 from cpm2_jax.moe.routing import Router, Routing
+from cpm2_jax.moe.shuffle import can_shuffle, make_shuffle, shuffle, unshuffle
 
 # Logical axes of the batched expert buffers: before the exchange (split like the batch) and
 # during expert computation (experts split over `expert`, groups over the remaining data axis).
@@ -130,6 +132,11 @@ class MoeBlock(nn.Module):
         e, dtype = c.num_experts, dtype_of(c.dtype)
         g, s = routing_groups(b, length, c.moe_group_size)
         xg = nn.with_logical_constraint(x.reshape(g, s, d), ("batch", "length", "embed"))
+        plan = None
+        if (c.moe_router == "balanced" and c.moe_shuffle_tokens and not self.deterministic
+                and can_shuffle(g, s) and self.has_rng("dropout")):
+            plan = make_shuffle(self.make_rng("dropout"), g, s)
+            xg = nn.with_logical_constraint(shuffle(xg, plan), ("batch", "length", "embed"))
         x32 = xg.astype(jnp.float32)
         normed, inv_rms = x32, None
         if c.moe_expert_norm:
@@ -157,6 +164,8 @@ class MoeBlock(nn.Module):
             out = out.replace(rows=nn.with_logical_constraint(
                 nn.with_logical_constraint(out.rows, _EXPERT_SIDE), _BATCH_SIDE))
         y = from_experts(out, routing, backend)
+        if plan is not None:
+            y = unshuffle(y, plan)
         self._sow(routing)
         return y.reshape(b, length, d).astype(dtype)
 

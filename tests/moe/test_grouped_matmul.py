@@ -54,6 +54,7 @@ def test_expert_loop_only_where_experts_are_not_split():
     mesh = cpu_test_mesh(data=2, model=1, expert=4)
     with mesh_context(mesh), nn.logical_axis_rules(rules_for_mesh(mesh.axis_names, LOGICAL_AXIS_RULES)):
         assert expert_axis_sharded() and not use_expert_loop(platform="cpu")
+        assert select_backend("auto", routed_rows=8, padded_rows=8, platform="tpu") == "padded"
     mesh = cpu_test_mesh(data=8, model=1)
     with mesh_context(mesh), nn.logical_axis_rules(rules_for_mesh(mesh.axis_names, LOGICAL_AXIS_RULES)):
         assert not expert_axis_sharded() and use_expert_loop(platform="cpu")
@@ -63,6 +64,8 @@ def test_backend_selection():
     assert select_backend("einsum", routed_rows=8, padded_rows=8) == "einsum"
     assert select_backend("auto", routed_rows=8, padded_rows=8, platform="cpu") == "padded"
     assert select_backend("auto", routed_rows=8, padded_rows=8, platform="gpu") == "ragged_dot"
+    # Expert parallelism: the padded buffers' all-to-all, on every platform.
+    assert select_backend("auto", routed_rows=8, padded_rows=8, platform="gpu", expert_sharded=True) == "padded"
     # The balanced router's argmax fallback needs capacity S per expert: padding would waste E x.
     assert select_backend("auto", routed_rows=64, padded_rows=64 * 32, platform="cpu") == "ragged_dot"
     with pytest.raises(ConfigError, match="did you mean 'padded'"):

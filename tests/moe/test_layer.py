@@ -123,8 +123,11 @@ def test_routing_groups():
     assert routing_groups(3, 1, 32) == (3, 1)  # decoding steps: one group per sequence
 
 
-@pytest.mark.parametrize("backend", ["padded", "einsum", "ragged_dot"])
-def test_expert_parallel_equals_single_device(backend):
+@pytest.mark.parametrize("backend,shuffled", [("padded", False), ("einsum", False), ("ragged_dot", False),
+                                              ("padded", True), ("ragged_dot", True)])
+def test_expert_parallel_equals_single_device(backend, shuffled):
+    """With `shuffled`, a dropout rng turns on BASE's token shuffle: its exchange of tokens
+    between the batch shards is then part of what must equal the single-device result."""
     mesh = cpu_test_mesh(data=2, model=1, expert=4)
     c = config("balanced", moe_backend=backend, num_experts=8)
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 64))
@@ -133,10 +136,17 @@ def test_expert_parallel_equals_single_device(backend):
     wi_0 = variables["params"]["experts"]["wi_0"]
     assert shardings["params"]["experts"]["wi_0"].spec == P("expert", None, None)
     assert {s.data.shape for s in wi_0.addressable_shards} == {(2, 64, 128)}  # 8 experts / 4 devices
-    single = jax.jit(module.apply)(jax.device_get(variables), jax.device_get(x))
+    rngs = {"dropout": jax.random.PRNGKey(3)} if shuffled else None
+    apply = jax.jit(lambda v, x: module.apply(v, x, rngs=rngs))
+    single = apply(jax.device_get(variables), jax.device_get(x))
     with mesh_context(mesh), nn.logical_axis_rules(rules_for_mesh(mesh.axis_names)):
         xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P(("data", "expert"))))
-        sharded = jax.jit(module.apply)(variables, xs)
+        sharded = apply(variables, xs)
+        if backend == "padded":  # tokens reach their experts' devices by XLA's all-to-all
+            assert "all-to-all" in apply.lower(variables, xs).compile().as_text()
+    if shuffled:
+        unshuffled = jax.jit(module.apply)(jax.device_get(variables), jax.device_get(x))
+        assert float(jnp.max(jnp.abs(unshuffled - single))) > 1e-5
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-6)
 
 
