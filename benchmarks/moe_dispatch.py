@@ -22,7 +22,6 @@ import pathlib
 import platform
 import statistics
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -33,6 +32,7 @@ from cpm2_jax.model.feedforward import MlpBlock
 from cpm2_jax.model.norm import RMSNorm
 from cpm2_jax.moe.grouped_matmul import select_backend
 from cpm2_jax.moe.layer import MoeBlock
+from timing import timed_interleaved  # noqa: E402  (benchmarks/timing.py)
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "moe_dispatch.json"
 ROUTINGS = {"top_1": dict(moe_router="top_k", moe_top_k=1, moe_capacity_factor=1.0),
@@ -50,30 +50,23 @@ class DenseFFN(nn.Module):
         return MlpBlock(d_ff=c.d_ff, init_std=c.init_std, name="mlp")(RMSNorm(name="norm")(x))
 
 
-def compile_fwd_bwd(module, x):
-    """(step, first-call seconds): jit(value_and_grad) w.r.t. params and input, compiled and run once."""
+def fwd_bwd_step(module, x):
+    """jit(value_and_grad) w.r.t. params and input, as a no-argument call that blocks."""
     params = nn.unbox(module.init(jax.random.PRNGKey(1), x))["params"]
 
     def loss(p, x):
         return jnp.mean(jnp.square(module.apply({"params": p}, x, rngs={"dropout": jax.random.PRNGKey(2)})))
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    start = time.perf_counter()
-    jax.block_until_ready(step(params, x))
-    return (lambda: step(params, x)), time.perf_counter() - start
+    return lambda: jax.block_until_ready(step(params, x))
 
 
-def time_interleaved(steps: dict, repeats: int) -> dict:
-    """Median / min seconds of every step, timed in `repeats` rounds that run each step once in
-    turn, so that a drift of machine load (the machine is shared) hits all of them alike."""
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, (step, _) in steps.items():
-            start = time.perf_counter()
-            jax.block_until_ready(step())
-            times[name].append(time.perf_counter() - start)
+def time_steps(steps: dict, repeats: int) -> dict:
+    """Median / min seconds of every step (compiled and run once first), timed in interleaved
+    rounds (benchmarks/timing.py), as the 2-core machine is shared and its load drifts."""
+    first, times = timed_interleaved(steps, warmup=1, reps=repeats)
     return {name: {"median_s": round(statistics.median(t), 4), "min_s": round(min(t), 4),
-                   "first_call_s": round(steps[name][1], 3)} for name, t in times.items()}
+                   "first_call_s": round(first[name], 3)} for name, t in times.items()}
 
 
 def machine() -> dict:
@@ -103,16 +96,16 @@ def main(argv=None) -> dict:
     x = jax.random.normal(jax.random.PRNGKey(0), (args.tokens // 512 or 1, min(args.tokens, 512), args.d_model))
     routed = args.tokens
     default = select_backend("auto", routed_rows=routed, padded_rows=routed)
-    steps = {("dense", ""): compile_fwd_bwd(DenseFFN(base.replace(num_experts=0)), x)}
+    steps = {("dense", ""): fwd_bwd_step(DenseFFN(base.replace(num_experts=0)), x)}
     for name in args.routings:
         config = base.replace(**ROUTINGS[name])
         for backend in args.backends:
             module = MoeBlock(config=config.replace(moe_backend=backend), deterministic=False)
-            steps[(name, backend)] = compile_fwd_bwd(module, x)
+            steps[(name, backend)] = fwd_bwd_step(module, x)
     # ragged_dot (seconds a call on CPU) is timed apart: a fast step run right after it is slowed.
     slow = {k: v for k, v in steps.items() if k[1] == "ragged_dot"}
-    timed = time_interleaved({k: v for k, v in steps.items() if k not in slow}, args.repeats)
-    timed.update(time_interleaved(slow, args.repeats))
+    timed = time_steps({k: v for k, v in steps.items() if k not in slow}, args.repeats)
+    timed.update(time_steps(slow, args.repeats))
     dense = timed[("dense", "")]
     print(f"dense FFN: {dense}", file=sys.stderr)
     routings = {}

@@ -152,16 +152,8 @@ def evaluate(*, model_config: ModelConfig, dataset_cfg: datasets.DatasetConfig, 
 
 
 # ------------------------------------------------------------------------------ the edge
-_GIN_EVALUATE = None
-
-
 def configurable_evaluate():
-    global _GIN_EVALUATE
-    if _GIN_EVALUATE is None:
-        import gin
-
-        _GIN_EVALUATE = gin.external_configurable(evaluate, name="evaluate", module="cpm2_jax.eval")
-    return _GIN_EVALUATE
+    return gin_utils.register_once(evaluate, "evaluate", "cpm2_jax.eval")
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -169,12 +161,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from cpm2_jax.train import _call_gin
 
     entry = configurable_evaluate()
     gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
     gin_utils.check_required_macros("eval")
-    results = _call_gin(entry)
+    results = gin_utils.call_configured(entry)
     if jax.process_index() == 0:
         print(json.dumps(results, ensure_ascii=False))
     return 0

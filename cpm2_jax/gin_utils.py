@@ -70,6 +70,41 @@ def _resolve(path: str, paths: Sequence[pathlib.Path]) -> str:
     raise ConfigError(f"--gin_file {path!r} not found (searched: {', '.join(str(b) for b in paths)})")
 
 
+_REGISTERED: dict = {}
+
+
+def register_once(fn, name: str, module: str):
+    """`fn` registered with gin (once per process) as `module.name`, as the binaries' entry
+    points are: registered on first use, with gin unlocked, since an earlier parse in the same
+    process (a test, a notebook) may have left the config locked."""
+    key = f"{module}.{name}"
+    if key not in _REGISTERED:
+        with gin.unlock_config():
+            _REGISTERED[key] = gin.external_configurable(fn, name=name, module=module)
+    return _REGISTERED[key]
+
+
+def call_configured(entry, **kwargs):
+    """Calls a gin-configured entry point; gin's wrapping of errors is undone: a CPM2Error
+    comes out as its own class with its one paragraph (gin re-raises through an
+    "ExceptionProxy" subclass with "In call to configurable" lines appended), and a missing
+    required argument becomes a ConfigError saying how to bind it."""
+    from cpm2_jax.errors import CPM2Error
+
+    try:
+        return entry(**kwargs)
+    except CPM2Error as err:
+        text = "\n".join(line for line in str(err).splitlines() if not line.startswith("  In call to"))
+        cls = type(err)
+        while "ExceptionProxy" in getattr(cls.__init__, "__qualname__", ""):
+            cls = cls.__mro__[1]
+        raise cls(text.strip()) from None
+    except TypeError as err:
+        if "missing" in str(err) and "required" in str(err):
+            raise ConfigError(f"{err}; bind it in a run file or with --gin.NAME=value") from None
+        raise
+
+
 def parse_gin(files: Sequence[str] = (), bindings: Sequence[str] = (), search: str | Iterable[str] = "",
               *, finalize: bool = True) -> None:
     """Clears gin, then parses the files and bindings; errors become one ConfigError naming

@@ -317,17 +317,9 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
 
 # ------------------------------------------------------------------------------ the edge
 
-_GIN_INFER = None
-
-
 def configurable_infer():
     """`infer` registered with gin (once) as `cpm2_jax.infer.infer`: runs/infer.gin binds it."""
-    global _GIN_INFER
-    if _GIN_INFER is None:
-        import gin
-
-        _GIN_INFER = gin.external_configurable(infer, name="infer", module="cpm2_jax.infer")
-    return _GIN_INFER
+    return gin_utils.register_once(infer, "infer", "cpm2_jax.infer")
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -338,22 +330,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     """Parses gin (runs/infer.gin when no --gin_file is given) and runs `infer`."""
     from cpm2_jax import checkpoints  # noqa: F401 - registers its gin configurables before gin locks
-    from cpm2_jax.errors import CPM2Error
 
     entry = configurable_infer()
     files = list(args.gin_file) or [DEFAULT_GIN_FILE]
     try:
         gin_utils.parse_gin(files, args.gin_bindings, args.gin_search_paths)
         gin_utils.check_required_macros("infer")
-        entry(**({"overwrite": True} if args.overwrite else {}))
-    except CPM2Error as err:
-        # gin re-raises through a proxy subclass with "In call to configurable" lines appended:
-        # keep the one paragraph and the project's own error class.
-        text = "\n".join(line for line in str(err).splitlines() if not line.startswith("  In call to"))
-        cls = type(err)
-        while "ExceptionProxy" in cls.__init__.__qualname__:
-            cls = cls.__mro__[1]
-        raise cls(text.strip()) from None
+        gin_utils.call_configured(entry, **({"overwrite": True} if args.overwrite else {}))
     finally:
         import gin
 

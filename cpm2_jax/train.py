@@ -214,17 +214,9 @@ def _jsonable(value):
 
 
 # ------------------------------------------------------------------------------ the edge
-_GIN_TRAIN = None
-
-
 def configurable_train():
     """`train` registered with gin (once) as `cpm2_jax.train.train`: the run files bind it."""
-    global _GIN_TRAIN
-    if _GIN_TRAIN is None:
-        import gin
-
-        _GIN_TRAIN = gin.external_configurable(train, name="train", module="cpm2_jax.train")
-    return _GIN_TRAIN
+    return gin_utils.register_once(train, "train", "cpm2_jax.train")
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -248,31 +240,12 @@ def run(args) -> int:
     gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
     gin_utils.check_required_macros("train")
     config_text = gin.config_str()
-    summary = _call_gin(entry, progress=not args.no_progress, gin_config_str=config_text)
+    summary = gin_utils.call_configured(entry, progress=not args.no_progress, gin_config_str=config_text)
     if jax.process_index() == 0:
         out = pathlib.Path(summary["model_dir"])
         (out / "operative_config.gin").write_text(gin.operative_config_str())
         print(json.dumps({k: v for k, v in summary.items()}, default=float))
     return 0
-
-
-def _call_gin(entry, **kwargs):
-    """Calls a gin-configured entry; gin's own errors for a bad binding become ConfigErrors."""
-    from cpm2_jax.errors import CPM2Error
-
-    try:
-        return entry(**kwargs)
-    except CPM2Error as err:
-        # gin appends "In call to configurable ..." lines; keep the one paragraph.
-        text = "\n".join(line for line in str(err).splitlines() if not line.startswith("  In call to"))
-        # gin re-raises a subclass ("ExceptionProxy") of the original; raise the original class.
-        original = next(c for c in type(err).__mro__
-                        if "ExceptionProxy" not in getattr(vars(c).get("__init__"), "__qualname__", ""))
-        raise original(text) from None
-    except TypeError as err:
-        if "missing" in str(err) and "required" in str(err):
-            raise ConfigError(f"{err}; bind it in a run file or with --gin.NAME=value") from None
-        raise
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
