@@ -7,7 +7,10 @@ their norms, combine) with d_model 512, d_ff 1024, 32 experts, top-1 (Switch, ca
 1) and balanced (BASE / CPM-2) routing; the dense baseline is the pre-norm gated-GELU block
 with the same d_ff (the same active FLOPs per token). All variants are compiled first, then
 timed in interleaved rounds (each once per round; medians), as the 2-core machine is shared
-and its load drifts; the slow ragged_dot backend is timed after the others. Prints one JSON object last and writes
+and its load drifts. The dense FFN and the default backend share their rounds; every other
+backend is timed in rounds of its own, after them: a step run right after an einsum or
+ragged_dot step (seconds of large one-hot or looped buffers) was measured ~10% slower, which
+would charge one backend for another's memory traffic. Prints one JSON object last and writes
 benchmarks/results/moe_dispatch.json:
   speedup_vs_einsum = t(einsum) / t(default backend)      target >= 3
   overhead_vs_dense = t(default backend) / t(dense FFN)   target <= 1.3
@@ -102,10 +105,11 @@ def main(argv=None) -> dict:
         for backend in args.backends:
             module = MoeBlock(config=config.replace(moe_backend=backend), deterministic=False)
             steps[(name, backend)] = fwd_bwd_step(module, x)
-    # ragged_dot (seconds a call on CPU) is timed apart: a fast step run right after it is slowed.
-    slow = {k: v for k, v in steps.items() if k[1] == "ragged_dot"}
-    timed = time_steps({k: v for k, v in steps.items() if k not in slow}, args.repeats)
-    timed.update(time_steps(slow, args.repeats))
+    timed = {}
+    groups = [default] + [b for b in args.backends if b != default]  # the dense FFN rounds with the default
+    for i, group in enumerate(groups):
+        members = {k: v for k, v in steps.items() if k[1] == group or (i == 0 and k[0] == "dense")}
+        timed.update(time_steps(members, args.repeats))
     dense = timed[("dense", "")]
     print(f"dense FFN: {dense}", file=sys.stderr)
     routings = {}
