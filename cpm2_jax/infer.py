@@ -227,6 +227,40 @@ class _AtomicWriter:
             self._tmp.unlink(missing_ok=True)
 
 
+def _place(params, config: ModelConfig, mesh_shape: Optional[dict], batch_size: int):
+    """With a mesh: (params split by the partition rules, a context that decodes on the mesh,
+    a function placing a [batch, length] array split over the batch axes); else None."""
+    if not mesh_shape:
+        return None
+    import contextlib
+
+    import flax.linen as nn
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from cpm2_jax.model.transformer import EncoderDecoder
+    from cpm2_jax.partitioning import batch_axes, make_mesh, mesh_context, rules_for_mesh, shardings_for
+
+    mesh = make_mesh(dict(mesh_shape))
+    rules = rules_for_mesh(mesh.axis_names)
+    axes = batch_axes(rules)
+    parallel = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if batch_size % parallel:
+        raise ConfigError(f"infer: batch_size {batch_size} must be a multiple of the mesh's batch axes "
+                          f"{'x'.join(axes)} = {parallel} (--gin.infer.batch_size)")
+    ones = np.ones((1, 2), np.int32)
+    abstract = jax.eval_shape(lambda: EncoderDecoder(config).init(jax.random.PRNGKey(0), ones, ones))
+    params = jax.device_put(params, shardings_for(abstract, mesh, rules)["params"])
+    batch_sharding = NamedSharding(mesh, PartitionSpec(axes or None))
+
+    @contextlib.contextmanager
+    def on_mesh():
+        with mesh_context(mesh), nn.logical_axis_rules(rules):
+            yield
+
+    return params, on_mesh, lambda array: jax.device_put(array, batch_sharding)
+
+
 def _strip_after_eos(ids: Sequence[int]) -> list[int]:
     ids = [int(t) for t in ids]
     return ids[:ids.index(1)] if 1 in ids else ids
@@ -239,9 +273,16 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
           max_new_tokens: int = 64, min_new_tokens: int = 0, num_beams: int = 4, length_penalty: float = 1.0,
           length_penalty_kind: str = "hf", early_stopping: Union[bool, str] = False, temperature: float = 1.0,
           top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8, max_input_length: int = 512,
-          dtype: Optional[str] = None, overwrite: bool = False, log=None) -> dict:
+          dtype: Optional[str] = None, mesh_shape: Optional[dict] = None, overwrite: bool = False,
+          log=None) -> dict:
     """Decodes (mode 'predict') or scores given targets (mode 'score') every input line and
-    writes JSON Lines; returns a summary (examples, generated tokens, seconds)."""
+    writes JSON Lines; returns a summary (examples, generated tokens, seconds).
+
+    `mesh_shape` (e.g. {'data': 2, 'model': 4}): parameters split by the partition rules and
+    batches by the `batch` rule over that mesh, for models that do not fit one device.
+    """
+    import contextlib
+
     import jax
 
     from cpm2_jax import decoding
@@ -273,28 +314,33 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
                                   f"model's {config.vocab_size}")
         examples = read_examples(input_path, vocabulary=vocabulary, vocab_size=config.vocab_size,
                                  need_targets=mode == "score")
-        params = jax.device_put(params)
+        placed = _place(params, config, mesh_shape, batch_size)
+        params, on_mesh, place_batch = placed if placed else (jax.device_put(params), contextlib.nullcontext, None)
         start, generated, truncated = time.perf_counter(), 0, 0
         for first in range(0, len(examples), batch_size):
             chunk = examples[first:first + batch_size]
             longest = max(len(e["input_ids"]) for e in chunk)
             truncated += sum(len(e["input_ids"]) > max_input_length for e in chunk)
             enc = _pad([e["input_ids"] for e in chunk], batch_size, _bucket(longest, max_input_length))
+            if place_batch is not None:
+                enc = place_batch(enc)
             if mode == "score":
                 targets = _pad([e["target_ids"] for e in chunk], batch_size,
                                _bucket(max(len(e["target_ids"]) for e in chunk), 1 << 30))
-                token_scores, totals = jax.device_get(decoding.score(params, enc, targets, config=config))
+                with on_mesh():
+                    token_scores, totals = jax.device_get(decoding.score(params, enc, targets, config=config))
                 for i, e in enumerate(chunk):
                     n = len(e["target_ids"])
                     writer.write({**e["record"], "input_ids": e["input_ids"], "target_ids": e["target_ids"],
                                   "score": float(totals[i]), "token_scores": [float(s) for s in token_scores[i, :n]]})
                 continue
-            out = decoding.decode(params, enc, config=config, method=method, max_new_tokens=max_new_tokens,
-                                  min_new_tokens=min_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
-                                  length_penalty_kind=length_penalty_kind, early_stopping=early_stopping,
-                                  temperature=temperature, top_k=top_k, top_p=top_p,
-                                  rng=jax.random.fold_in(jax.random.PRNGKey(seed), first))
-            tokens, scores, lengths = jax.device_get((out.tokens, out.scores, out.lengths))
+            with on_mesh():
+                out = decoding.decode(params, enc, config=config, method=method, max_new_tokens=max_new_tokens,
+                                      min_new_tokens=min_new_tokens, num_beams=num_beams,
+                                      length_penalty=length_penalty, length_penalty_kind=length_penalty_kind,
+                                      early_stopping=early_stopping, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, rng=jax.random.fold_in(jax.random.PRNGKey(seed), first))
+                tokens, scores, lengths = jax.device_get((out.tokens, out.scores, out.lengths))
             for i, e in enumerate(chunk):
                 ids = _strip_after_eos(tokens[i])
                 generated += int(lengths[i])

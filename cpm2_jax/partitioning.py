@@ -55,6 +55,12 @@ def rules_for_mesh(mesh_axis_names: Iterable[str], rules=LOGICAL_AXIS_RULES):
     return tuple(out)
 
 
+def batch_axes(rules) -> tuple[str, ...]:
+    """The mesh axes that the `batch` logical axis is split over under `rules`."""
+    rule = dict(rules).get("batch")
+    return rule if isinstance(rule, tuple) else ((rule,) if rule else ())
+
+
 def parse_mesh_spec(spec: str) -> dict[str, int]:
     """'data=8,model=8' -> {'data': 8, 'model': 8}; a bad spec names the offending part."""
     shape: dict[str, int] = {}

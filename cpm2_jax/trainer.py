@@ -27,7 +27,7 @@ from cpm2_jax import losses, optim
 from cpm2_jax.config import ModelConfig
 from cpm2_jax.errors import ConfigError, CPM2Error, ShardingError
 from cpm2_jax.model import EncoderDecoder
-from cpm2_jax.partitioning import (logical_specs, mesh_specs, optimizer_state_specs, rules_for_mesh,
+from cpm2_jax.partitioning import (batch_axes, logical_specs, mesh_specs, optimizer_state_specs, rules_for_mesh,
                                    shardings_for)
 from cpm2_jax.train_state import TrainState
 
@@ -111,8 +111,7 @@ class Trainer:
         self._state_shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=param_shapes,
                                         opt_state=opt_shapes)
 
-        batch_rule = dict(self.rules).get("batch")
-        self.batch_axes = batch_rule if isinstance(batch_rule, tuple) else ((batch_rule,) if batch_rule else ())
+        self.batch_axes = batch_axes(self.rules)
         self.data_parallel_size = math.prod(mesh.shape[a] for a in self.batch_axes)
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(self.batch_axes or None))
         self._train_step = jax.jit(self._train_step_impl, in_shardings=(self.state_shardings, self.batch_sharding),

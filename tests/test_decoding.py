@@ -212,3 +212,34 @@ def test_length_penalties():
     with pytest.raises(ValueError, match="early_stopping"):
         decoding.beam_search({}, np.ones((1, 2), np.int32), config=CONFIG, num_beams=2, max_new_tokens=2,
                              early_stopping="sometimes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Under a mesh
+# ---------------------------------------------------------------------------------------------
+
+def test_decoding_with_sharded_params_equals_one_device(hf_pair, inputs):
+    """Parameters split by the partition rules over data=2, model=4 (8 fake CPU devices): greedy
+    and beam search give the one-device tokens and scores; the KV cache follows the params."""
+    import flax.linen as nn
+
+    from cpm2_jax.partitioning import cpu_test_mesh, mesh_context, rules_for_mesh, shardings_for
+
+    _, params = hf_pair
+    mesh = cpu_test_mesh(data=2, model=4)
+    rules = rules_for_mesh(mesh.axis_names)
+    enc = np.concatenate([inputs, inputs[:3]])  # 8 rows: the batch splits over data
+    abstract = jax.eval_shape(lambda: EncoderDecoder(CONFIG).init(jax.random.PRNGKey(0), enc[:, :2], enc[:, :2]))
+    shardings = shardings_for(abstract, mesh, rules)["params"]
+    sharded = jax.device_put(params, shardings)
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(shardings))
+    want_greedy = decoding.greedy(params, enc, config=CONFIG, max_new_tokens=MAX_NEW)
+    want_beam = decoding.beam_search(params, enc, config=CONFIG, num_beams=2, max_new_tokens=8)
+    with mesh_context(mesh), nn.logical_axis_rules(rules):
+        tokens = jax.device_put(enc, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+        got_greedy = decoding.greedy(sharded, tokens, config=CONFIG, max_new_tokens=MAX_NEW)
+        got_beam = decoding.beam_search(sharded, tokens, config=CONFIG, num_beams=2, max_new_tokens=8)
+    np.testing.assert_array_equal(np.asarray(got_greedy.tokens), np.asarray(want_greedy.tokens))
+    np.testing.assert_allclose(np.asarray(got_greedy.scores), np.asarray(want_greedy.scores), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(got_beam.tokens), np.asarray(want_beam.tokens))
+    np.testing.assert_allclose(np.asarray(got_beam.scores), np.asarray(want_beam.scores), rtol=1e-4, atol=1e-4)

@@ -158,3 +158,28 @@ def test_text_with_vocabulary_and_training_checkpoint(params, tmp_path, capsys, 
     ref = reference(params, records, lambda enc: decoding.greedy(params, enc, config=CONFIG, max_new_tokens=MAX_NEW))
     for r, (ids, _) in zip(records, ref):
         assert r["output_ids"] == ids and r["output"] == vocab.decode(ids)
+
+
+def test_on_a_mesh_equals_one_device(converted_dir, params, tmp_path, capsys):
+    """--gin.MESH_SHAPE: parameters split by the partition rules (data=2, model=4 over 8 fake
+    CPU devices), batches over data; the same outputs as one device, in both modes."""
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("".join(f'{{"inputs": {[5 + i, 6, 7 + i, 1]}, "targets": {[9, 8 + i, 1]}}}\n' for i in range(5)))
+    mesh = "--gin.MESH_SHAPE={'data': 2, 'model': 4}"
+    for mode in ("predict", "score"):
+        outs = {}
+        for name, extra in (("one", []), ("mesh", [mesh])):
+            outs[name] = tmp_path / f"{mode}_{name}.jsonl"
+            code, err = run_infer(capsys, f"--gin.CHECKPOINT_PATH='{converted_dir}'", f"--gin.INPUT_FILE='{inputs}'",
+                                  f"--gin.OUTPUT_FILE='{outs[name]}'", f"--gin.infer.max_new_tokens={MAX_NEW}",
+                                  "--gin.infer.batch_size=4", f"--gin.infer.mode='{mode}'", *extra)
+            assert code == 0, err
+        one, on_mesh = read_jsonl(outs["one"]), read_jsonl(outs["mesh"])
+        assert len(one) == 5
+        for a, b in zip(one, on_mesh):
+            assert a.get("output_ids") == b.get("output_ids")
+            assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-4)  # sharded sums round differently
+    code, err = run_infer(capsys, f"--gin.CHECKPOINT_PATH='{converted_dir}'", f"--gin.INPUT_FILE='{inputs}'",
+                          f"--gin.OUTPUT_FILE='{tmp_path / 'bad.jsonl'}'", "--gin.infer.batch_size=3", mesh)
+    assert code == 2 and "batch_size 3" in err and "--gin.infer.batch_size" in err
+    assert not (tmp_path / "bad.jsonl").exists()
