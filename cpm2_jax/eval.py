@@ -15,6 +15,7 @@ from typing import Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from cpm2_jax import checkpoints as ckpt_lib
 from cpm2_jax import datasets, gin_utils
@@ -100,22 +101,33 @@ def evaluate(*, model_config: ModelConfig, dataset_cfg: datasets.DatasetConfig, 
     batch_size = dataset_cfg.batch_size
     trainer.check_batch_size(batch_size)
     new_tokens = max_new_tokens or lengths.get("targets", 128)
+    # Every process reads the whole split (seqio computes the metrics on all of it, on every
+    # process); each feeds its own rows of every global batch to the mesh, and the outputs are
+    # gathered back to every process.
+    rows = batch_size // jax.process_count()
+    mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+
+    def on_mesh(batch):
+        return trainer.shard_batch({k: v[mine] for k, v in batch.items()})
 
     def predict_fn(dataset):
         out = []
         for indices, batch in _batches(dataset, batch_size):
-            decoded = decoding.decode(params, batch["encoder_input_tokens"], config=model_config,
-                                      method=decode_method, max_new_tokens=new_tokens, num_beams=num_beams)
-            tokens = np.asarray(jax.device_get(decoded.tokens))
+            with trainer.mesh_and_rules():
+                decoded = decoding.decode(params, on_mesh(batch)["encoder_input_tokens"], config=model_config,
+                                          method=decode_method, max_new_tokens=new_tokens, num_beams=num_beams)
+                tokens = np.asarray(multihost_utils.process_allgather(decoded.tokens, tiled=True))
             out.extend((i, strip_after_eos(tokens[r])) for r, i in enumerate(indices))
         return out
 
     def score_fn(dataset):
         out = []
         for indices, batch in _batches(dataset, batch_size):
-            _, totals = decoding.score(params, batch["encoder_input_tokens"], batch["decoder_target_tokens"],
-                                       config=model_config)
-            totals = np.asarray(jax.device_get(totals))
+            with trainer.mesh_and_rules():
+                placed = on_mesh(batch)
+                _, totals = decoding.score(params, placed["encoder_input_tokens"], placed["decoder_target_tokens"],
+                                           config=model_config)
+                totals = np.asarray(multihost_utils.process_allgather(totals, tiled=True))
             out.extend((i, float(totals[r])) for r, i in enumerate(indices))
         return out
 
@@ -130,7 +142,8 @@ def evaluate(*, model_config: ModelConfig, dataset_cfg: datasets.DatasetConfig, 
     results: dict[str, dict[str, float]] = {}
     for task in evaluator.eval_tasks:
         model_ds = evaluator.cached_model_datasets[task.name]
-        teacher_forced = trainer.evaluate(params, (b for _, b in _batches(model_ds, batch_size)))
+        teacher_forced = trainer.evaluate(params, ({k: v[mine] for k, v in b.items()}
+                                                   for _, b in _batches(model_ds, batch_size)))
         metrics = {"token_loss": teacher_forced["loss"], "token_accuracy": teacher_forced["accuracy"],
                    "examples": float(len(evaluator.cached_task_datasets[task.name]))}
         for key, value in (computed.get(task.name) or {}).items():
@@ -157,11 +170,16 @@ def configurable_evaluate():
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
+    from cpm2_jax import distributed
+
     gin_utils.add_gin_flags(parser)
+    distributed.add_flags(parser)
 
 
 def run(args) -> int:
+    from cpm2_jax import distributed
 
+    distributed.initialize_from_args(args)
     entry = configurable_evaluate()
     gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
     gin_utils.check_required_macros("eval")

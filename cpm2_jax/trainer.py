@@ -94,7 +94,7 @@ class Trainer:
         self.model = EncoderDecoder(model_config)
         self.tx, self.schedule = config.optimizer.build(total_steps)
 
-        with self._contexts():
+        with self.mesh_and_rules():
             boxed = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))
         shardings = shardings_for(boxed, mesh, self.rules)
         self.param_shardings = shardings["params"]
@@ -120,7 +120,8 @@ class Trainer:
                                   out_shardings=self.replicated)
 
     # ----------------------------------------------------------------- set-up helpers
-    def _contexts(self):
+    def mesh_and_rules(self):
+        """A context in which jitted code runs on this trainer's mesh under its partition rules."""
         import contextlib
 
         stack = contextlib.ExitStack()
@@ -140,7 +141,7 @@ class Trainer:
             params = nn.unbox(self._init_variables(key))["params"]
             return TrainState.create(params, self.tx, self.mask)
 
-        with self._contexts():
+        with self.mesh_and_rules():
             return jax.jit(init, out_shardings=self.state_shardings)(rng)
 
     def state_from_params(self, params) -> TrainState:
@@ -148,7 +149,7 @@ class Trainer:
         def build(p):
             return TrainState.create(p, self.tx, self.mask)
 
-        with self._contexts():
+        with self.mesh_and_rules():
             return jax.jit(build, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings)(params)
 
     def abstract_state(self) -> TrainState:
@@ -258,17 +259,17 @@ class Trainer:
 
     def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
         """One optimiser update; `state` is donated. Metrics stay on device (no host sync)."""
-        with self._contexts():
+        with self.mesh_and_rules():
             return self._train_step(state, dict(batch))
 
     def lower_train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
         """The lowered train step (for XLA's cost analysis: FLOPs and bytes of one step)."""
-        with self._contexts():
+        with self.mesh_and_rules():
             return self._train_step.lower(state, dict(batch))
 
     def eval_step(self, params, batch: Mapping[str, jax.Array]) -> dict:
         """Summed validation loss (no z-loss), weight and correct-token count of one batch."""
-        with self._contexts():
+        with self.mesh_and_rules():
             return self._eval_step(params, dict(batch))
 
     def evaluate(self, params, batches) -> dict[str, float]:

@@ -50,3 +50,40 @@ def test_checkpoint_of_another_model_is_named(checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "token_embedder/embedding" in err and "(8192, 64)" in err and "(512, 64)" in err
+
+
+def test_two_processes_give_the_one_process_metrics(checkpoint, tmp_path, shared_data):
+    """Two processes on localhost (jax.distributed, gloo), two fake devices each, against one
+    4-device process: the same per-task metrics (decoded BLEU, teacher-forced loss)."""
+    import os
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def launch(out, devices, *extra):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                             "--xla_cpu_collective_call_terminate_timeout_seconds=900")
+        args = _args(checkpoint, out, "en_zh", f"--gin.cpm2_jax.model_config.vocab_size={VOCAB}",
+                     "--gin.MESH_SHAPE={'data': 4}", *extra)
+        return subprocess.Popen([sys.executable, "-m", "cpm2_jax.eval", *args], cwd=repo, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    procs = [launch(multi, 2, f"--coordinator_address=127.0.0.1:{port}", "--process_count=2",
+                    f"--process_index={i}") for i in range(2)]
+    procs.append(launch(single, 4))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    a = json.loads((multi / "eval_validation.json").read_text())["tasks"]["en_zh"]
+    b = json.loads((single / "eval_validation.json").read_text())["tasks"]["en_zh"]
+    assert sorted(a) == sorted(b) and "bleu" in a and a["examples"] == 6.0
+    for key in a:
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
