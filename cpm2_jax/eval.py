@@ -107,8 +107,11 @@ def evaluate(*, model_config: ModelConfig, dataset_cfg: datasets.DatasetConfig, 
     rows = batch_size // jax.process_count()
     mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
 
+    def local(batch):
+        return {k: v[mine] for k, v in batch.items()}
+
     def on_mesh(batch):
-        return trainer.shard_batch({k: v[mine] for k, v in batch.items()})
+        return trainer.shard_batch(local(batch))
 
     def predict_fn(dataset):
         out = []
@@ -142,8 +145,7 @@ def evaluate(*, model_config: ModelConfig, dataset_cfg: datasets.DatasetConfig, 
     results: dict[str, dict[str, float]] = {}
     for task in evaluator.eval_tasks:
         model_ds = evaluator.cached_model_datasets[task.name]
-        teacher_forced = trainer.evaluate(params, ({k: v[mine] for k, v in b.items()}
-                                                   for _, b in _batches(model_ds, batch_size)))
+        teacher_forced = trainer.evaluate(params, (local(b) for _, b in _batches(model_ds, batch_size)))
         metrics = {"token_loss": teacher_forced["loss"], "token_accuracy": teacher_forced["accuracy"],
                    "examples": float(len(evaluator.cached_task_datasets[task.name]))}
         for key, value in (computed.get(task.name) or {}).items():

@@ -228,37 +228,24 @@ class _AtomicWriter:
 
 
 def _place(params, config: ModelConfig, mesh_shape: Optional[dict], batch_size: int):
-    """With a mesh: (params split by the partition rules, a context that decodes on the mesh,
-    a function placing a [batch, length] array split over the batch axes); else None."""
-    if not mesh_shape:
-        return None
+    """(params, a context to decode in, a function placing a [batch, length] array): with a
+    mesh, a Trainer's partitioning (params split by the rules, batches over the batch axes);
+    without, one device."""
     import contextlib
 
-    import flax.linen as nn
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from cpm2_jax.model.transformer import EncoderDecoder
-    from cpm2_jax.partitioning import batch_axes, make_mesh, mesh_context, rules_for_mesh, shardings_for
+    if not mesh_shape:
+        return jax.device_put(params), contextlib.nullcontext, lambda array: array
+    from cpm2_jax.partitioning import make_mesh
+    from cpm2_jax.trainer import Trainer, TrainerConfig
 
-    mesh = make_mesh(dict(mesh_shape))
-    rules = rules_for_mesh(mesh.axis_names)
-    axes = batch_axes(rules)
-    parallel = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    if batch_size % parallel:
+    trainer = Trainer(config, TrainerConfig(), make_mesh(dict(mesh_shape)))
+    if batch_size % trainer.data_parallel_size:
         raise ConfigError(f"infer: batch_size {batch_size} must be a multiple of the mesh's batch axes "
-                          f"{'x'.join(axes)} = {parallel} (--gin.infer.batch_size)")
-    ones = np.ones((1, 2), np.int32)
-    abstract = jax.eval_shape(lambda: EncoderDecoder(config).init(jax.random.PRNGKey(0), ones, ones))
-    params = jax.device_put(params, shardings_for(abstract, mesh, rules)["params"])
-    batch_sharding = NamedSharding(mesh, PartitionSpec(axes or None))
-
-    @contextlib.contextmanager
-    def on_mesh():
-        with mesh_context(mesh), nn.logical_axis_rules(rules):
-            yield
-
-    return params, on_mesh, lambda array: jax.device_put(array, batch_sharding)
+                          f"{'x'.join(trainer.batch_axes)} = {trainer.data_parallel_size} (--gin.infer.batch_size)")
+    return (jax.device_put(params, trainer.param_shardings), trainer.mesh_and_rules,
+            lambda array: jax.device_put(array, trainer.batch_sharding))
 
 
 def _strip_after_eos(ids: Sequence[int]) -> list[int]:
@@ -281,8 +268,6 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
     `mesh_shape` (e.g. {'data': 2, 'model': 4}): parameters split by the partition rules and
     batches by the `batch` rule over that mesh, for models that do not fit one device.
     """
-    import contextlib
-
     import jax
 
     from cpm2_jax import decoding
@@ -314,16 +299,13 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
                                   f"model's {config.vocab_size}")
         examples = read_examples(input_path, vocabulary=vocabulary, vocab_size=config.vocab_size,
                                  need_targets=mode == "score")
-        placed = _place(params, config, mesh_shape, batch_size)
-        params, on_mesh, place_batch = placed if placed else (jax.device_put(params), contextlib.nullcontext, None)
+        params, on_mesh, place_batch = _place(params, config, mesh_shape, batch_size)
         start, generated, truncated = time.perf_counter(), 0, 0
         for first in range(0, len(examples), batch_size):
             chunk = examples[first:first + batch_size]
             longest = max(len(e["input_ids"]) for e in chunk)
             truncated += sum(len(e["input_ids"]) > max_input_length for e in chunk)
-            enc = _pad([e["input_ids"] for e in chunk], batch_size, _bucket(longest, max_input_length))
-            if place_batch is not None:
-                enc = place_batch(enc)
+            enc = place_batch(_pad([e["input_ids"] for e in chunk], batch_size, _bucket(longest, max_input_length)))
             if mode == "score":
                 targets = _pad([e["target_ids"] for e in chunk], batch_size,
                                _bucket(max(len(e["target_ids"]) for e in chunk), 1 << 30))
