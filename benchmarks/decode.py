@@ -12,36 +12,16 @@ Prints one JSON object last and writes it to benchmarks/results/decode.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
-import platform
 import statistics
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "decode.json"
+from report import RESULTS_DIR, machine_info, write_report  # noqa: E402  (benchmarks/report.py)
 
-
-def machine_info() -> dict:
-    import jax
-    import torch
-    import transformers
-
-    cpu = platform.processor()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
-            "python": platform.python_version(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "transformers": transformers.__version__}
+RESULTS = RESULTS_DIR / "decode.json"
 
 
 def _timed(fn, repeats: int) -> tuple[float, float, object]:
@@ -115,9 +95,7 @@ def main(argv=None) -> int:
         print(f"batch {batch}: ours {tokens / ours_s:.1f} tok/s, transformers {tokens / theirs_s:.1f} tok/s, "
               f"speedup {theirs_s / ours_s:.2f}x", file=sys.stderr)
     report["machine"] = machine_info()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
+    write_report(report, RESULTS)
     return 0
 
 

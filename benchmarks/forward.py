@@ -13,17 +13,13 @@ benchmarks/results/forward.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import pathlib
-import platform
-import statistics
 import sys
 import time
 
+from report import RESULTS_DIR, machine_info, side_by_side, write_report  # noqa: E402  (benchmarks/report.py)
 from timing import start_cpu_frameworks, timed_interleaved  # noqa: E402  (benchmarks/timing.py)
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "forward.json"
+RESULTS = RESULTS_DIR / "forward.json"
 
 
 
@@ -71,20 +67,13 @@ def bench_config(name: str, args) -> dict:
             torch_out["logits"] = hf_model(input_ids=enc_t, attention_mask=mask_t, decoder_input_ids=dec_t).logits
 
     first, times = timed_interleaved({"jax": run_jax, "torch": run_torch}, args.warmup, args.reps)
-    jax_first, torch_first, jax_times, torch_times = first["jax"], first["torch"], times["jax"], times["torch"]
     diff = float(np.abs(np.asarray(jax_out["logits"]) - torch_out["logits"].numpy()).max())
-    jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
     return {
         "config": name,
         "parameters": int(sum(p.numel() for p in hf_model.parameters())),
         "batch": args.batch, "encoder_length": args.enc_len, "decoder_length": args.dec_len,
         "tokens_per_forward": tokens,
-        "jax_tokens_per_s": round(tokens / jax_s, 1),
-        "torch_tokens_per_s": round(tokens / torch_s, 1),
-        "speedup_vs_torch": round(torch_s / jax_s, 3),
-        "jax_median_s": round(jax_s, 5), "torch_median_s": round(torch_s, 5),
-        "jax_times_s": [round(t, 5) for t in jax_times], "torch_times_s": [round(t, 5) for t in torch_times],
-        "jax_first_call_s": round(jax_first, 3), "torch_first_call_s": round(torch_first, 3),
+        **side_by_side(tokens, "tokens", first, times),
         "max_abs_logit_diff": diff,
     }
 
@@ -102,9 +91,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     threads = start_cpu_frameworks(args.threads)
-    import jax
     import torch
-    import transformers
 
     results = [bench_config(name.strip(), args) for name in args.configs.split(",") if name.strip()]
     report = {
@@ -115,19 +102,10 @@ def main(argv=None) -> int:
                     "jax": "XLA CPU pool, process pinned to the same cores"},
         "results": results,
         "speedup_vs_torch": {r["config"]: r["speedup_vs_torch"] for r in results},
-        "machine": {
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "machine": machine_info(),
         "unix_time": int(time.time()),
     }
-    line = json.dumps(report)
-    output = pathlib.Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(line)
+    write_report(report, args.output)
     return 0
 
 

@@ -12,15 +12,14 @@ writes it to benchmarks/results/input_pipeline.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
-import platform
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-RESULT = pathlib.Path(__file__).resolve().parent / "results" / "input_pipeline.json"
+from report import RESULTS_DIR, machine_info, write_report  # noqa: E402  (benchmarks/report.py)
+
+RESULT = RESULTS_DIR / "input_pipeline.json"
 
 
 def main() -> int:
@@ -34,7 +33,6 @@ def main() -> int:
                         help="timed steps of the `small` config's train step (after one compile step); 0 skips")
     args = parser.parse_args()
 
-    import jax
     import numpy as np
 
     from cpm2_jax.tasks import pipeline, settings
@@ -73,17 +71,9 @@ def main() -> int:
         "encoder_tokens_per_s": round(real_tokens / elapsed, 1),
         "vocabulary": str(vocab_path),
         "vocab_size": settings.default_vocabulary().vocab_size,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-        },
+        "machine": machine_info(),
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_report(result, RESULT)
     return 0
 
 

@@ -19,10 +19,6 @@ benchmarks/results/moe_dispatch.json:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import pathlib
-import platform
 import statistics
 import sys
 
@@ -35,9 +31,10 @@ from cpm2_jax.model.feedforward import MlpBlock
 from cpm2_jax.model.norm import RMSNorm
 from cpm2_jax.moe.grouped_matmul import select_backend
 from cpm2_jax.moe.layer import MoeBlock
+from report import RESULTS_DIR, machine_info, write_report  # noqa: E402  (benchmarks/report.py)
 from timing import timed_interleaved  # noqa: E402  (benchmarks/timing.py)
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "moe_dispatch.json"
+RESULTS = RESULTS_DIR / "moe_dispatch.json"
 ROUTINGS = {"top_1": dict(moe_router="top_k", moe_top_k=1, moe_capacity_factor=1.0),
             "balanced": dict(moe_router="balanced")}
 
@@ -70,13 +67,6 @@ def time_steps(steps: dict, repeats: int) -> dict:
     first, times = timed_interleaved(steps, warmup=1, reps=repeats)
     return {name: {"median_s": round(statistics.median(t), 4), "min_s": round(min(t), 4),
                    "first_call_s": round(first[name], 3)} for name, t in times.items()}
-
-
-def machine() -> dict:
-    dev = jax.devices()[0]
-    return {"platform": dev.platform, "device_kind": dev.device_kind, "devices": jax.device_count(),
-            "cpu_count": os.cpu_count(), "load_average": [round(v, 2) for v in os.getloadavg()],
-            "python": platform.python_version(), "jax": jax.__version__, "machine": platform.machine()}
 
 
 def main(argv=None) -> dict:
@@ -131,7 +121,7 @@ def main(argv=None) -> dict:
         "default_backend": default,
         "dense_ffn": dense,
         "routings": routings,
-        "machine": machine(),
+        "machine": machine_info(),
         "repeats": args.repeats,
         "targets": {"speedup_vs_einsum": ">= 3", "overhead_vs_dense": "<= 1.3"},
     }
@@ -141,11 +131,7 @@ def main(argv=None) -> dict:
         result["speedup_vs_einsum"] = min(speedups)
     if overheads:
         result["overhead_vs_dense"] = max(overheads)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
-    return result
+    return write_report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,14 @@ benchmarks/results/train_step.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import pathlib
-import platform
 import statistics
 import sys
 import time
 
+from report import RESULTS_DIR, machine_info, side_by_side, write_report  # noqa: E402  (benchmarks/report.py)
 from timing import start_cpu_frameworks, timed_interleaved  # noqa: E402  (benchmarks/timing.py)
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "train_step.json"
+RESULTS = RESULTS_DIR / "train_step.json"
 
 
 
@@ -112,7 +109,7 @@ def bench(args) -> dict:
         torch_losses.append(float(out.loss.detach()))
 
     first, times = timed_interleaved({"jax": run_jax, "torch": run_torch}, args.warmup, args.reps)
-    jax_s, torch_s = statistics.median(times["jax"]), statistics.median(times["torch"])
+    jax_s = statistics.median(times["jax"])
     peak = matmul_peak(args.matmul_n, args.reps)
     achieved = step_flops / jax_s
     best = step_flops / min(times["jax"])
@@ -121,12 +118,7 @@ def bench(args) -> dict:
         "parameters": int(sum(p.numel() for p in hf_model.parameters())),
         "batch": args.batch, "encoder_length": args.enc_len, "decoder_length": args.dec_len,
         "tokens_per_step": tokens,
-        "jax_tokens_per_s": round(tokens / jax_s, 1),
-        "torch_tokens_per_s": round(tokens / torch_s, 1),
-        "speedup_vs_torch": round(torch_s / jax_s, 3),
-        "jax_median_s": round(jax_s, 4), "torch_median_s": round(torch_s, 4),
-        "jax_times_s": [round(t, 4) for t in times["jax"]], "torch_times_s": [round(t, 4) for t in times["torch"]],
-        "jax_first_call_s": round(first["jax"], 2), "torch_first_call_s": round(first["torch"], 2),
+        **side_by_side(tokens, "tokens", first, times),
         # Same weights and batch: the first step's loss must agree (a check that both train the same model).
         "first_loss": {"jax": holder["losses"][0], "torch": torch_losses[0]},
         "jax_step_flops": step_flops,
@@ -153,9 +145,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     threads = start_cpu_frameworks(args.threads)
-    import jax
     import torch
-    import transformers
 
     # XLA's CPU code flushes denormals to zero; torch does not by default, and Adam's second
     # moments of small gradients are denormal often enough to slow torch several-fold.
@@ -170,17 +160,11 @@ def main(argv=None) -> int:
         "torch_flush_denormal": True,
         **result,
         "targets": {"speedup_vs_torch": 1.5, "fraction_of_matmul_peak": 0.40},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "python": platform.python_version(), "jax": jax.__version__,
-                    "jax_backend": jax.default_backend(), "torch": torch.__version__,
-                    "transformers": transformers.__version__},
+        "machine": machine_info(),
         "note": "shared machine: other jobs may add noise; rerun on a quiet machine for final figures",
         "unix_time": int(time.time()),
     }
-    output = pathlib.Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
+    write_report(report, args.output)
     return 0
 
 
