@@ -73,3 +73,17 @@ def test_best_two_matches_argmax_and_masked_max(experts):
     np.testing.assert_array_equal(np.asarray(best), ref_best)
     np.testing.assert_array_equal(np.asarray(v1), values.max(axis=0))
     np.testing.assert_array_equal(np.asarray(v2), masked.max(axis=0))
+
+
+def test_exact_two_key_sort_when_the_packed_key_does_not_fit(monkeypatch):
+    """Groups too large for the packed uint32 key fall back to the exact (owner, -bid) sort:
+    forced here, it gives the same guarantees."""
+    from cpm2_jax.moe import assignment
+
+    monkeypatch.setattr(assignment, "_MIN_BID_BITS", 33)
+    for seed in range(3):
+        scores = np.random.RandomState(seed).randn(128, 8).astype(np.float32) * 0.1
+        index = np.asarray(jax.jit(balanced_assignment)(jnp.asarray(scores))[0])
+        assert np.bincount(index, minlength=8).tolist() == [16] * 8
+        best = exact_optimum(scores)
+        assert best - float(scores[np.arange(128), index].sum()) <= 0.01 * abs(best)
