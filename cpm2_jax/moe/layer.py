@@ -153,13 +153,11 @@ class MoeBlock(nn.Module):
         if batched:
             rows = rows.replace(rows=nn.with_logical_constraint(
                 nn.with_logical_constraint(rows.rows, _BATCH_SIDE), _EXPERT_SIDE))
-        drop = nn.Dropout(c.dropout_rate)
         dropout = None
         if c.dropout_rate > 0 and not self.deterministic:
-            dropout = lambda h: drop(h, deterministic=False)  # noqa: E731
+            dropout = nn.Dropout(c.dropout_rate, deterministic=False)
         out = expert_ffn(rows, experts, activation=c.ffn_activation, backend=backend, dtype=dtype,
-                         dropout=dropout,
-                         expert_loop=batched and use_expert_loop())
+                         dropout=dropout, expert_loop=batched and use_expert_loop())
         if batched:
             out = out.replace(rows=nn.with_logical_constraint(
                 nn.with_logical_constraint(out.rows, _EXPERT_SIDE), _BATCH_SIDE))
