@@ -1,0 +1,242 @@
+"""The encoder-decoder run layer by layer from the host, so an offload runner can act between
+layers (move expert weights, schedule, cache) while everything else stays as `decoding.py` has it.
+
+Each piece is one jitted function reused by every layer of its kind: a dense layer is the
+model's own `EncoderLayer` / `DecoderLayer`; an MoE layer is its attention part (the same
+submodules), then `moe_ffn(stack, index, h)` - the split MoE block (offload.split_moe) with
+the experts at hand, or a runner streaming them - then the residual. Relative-position bias,
+masks and the KV cache are built as in `model.transformer` / `decoding.init_cache`.
+
+Greedy and beam search reuse `decoding.py`'s loops: under `jax.disable_jit()` their
+`lax.while_loop` runs as a Python loop, and each step re-enables jit for the layers, so the
+bookkeeping (EOS, scores, beams, length penalty) is decoding.py's own, token for token.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cpm2_jax import decoding
+from cpm2_jax.config import ModelConfig
+from cpm2_jax.model.attention import RelativePositionBias, attention_mask, mask_to_bias
+from cpm2_jax.model.dense import Embed, Projection
+from cpm2_jax.model.norm import RMSNorm
+from cpm2_jax.model.transformer import DecoderLayer, EncoderLayer, _Layer, reorder_cache
+from cpm2_jax.offload import split_moe
+
+STACKS = ("encoder", "decoder")
+MoeFfn = Callable[[str, int, jax.Array], jax.Array]  # (stack, layer, FFN input h [B, L, d]) -> y
+
+
+class _EncoderAttention(_Layer):
+    """x + Attn(RMSNorm(x)): an encoder layer without its FFN (parameter names of EncoderLayer)."""
+
+    @nn.compact
+    def __call__(self, x, bias):
+        h = self._norm("pre_attention_layer_norm")(x)
+        return x + self._attention("attention")(h, h, bias)
+
+
+class _DecoderAttention(_Layer):
+    """Self- then cross-attention of a decoder layer (parameter and cache names of DecoderLayer)."""
+
+    @nn.compact
+    def __call__(self, x, encoded, self_bias, cross_bias, cache_index=None):
+        h = self._norm("pre_self_attention_layer_norm")(x)
+        x = x + self._attention("self_attention")(h, h, self_bias, cache_index)
+        h = self._norm("pre_cross_attention_layer_norm")(x)
+        return x + self._attention("encoder_decoder_attention", cross=True)(h, encoded, cross_bias)
+
+
+class _MoeInput(_Layer):
+    """What the MoE block reads: x itself (experts hold their norms) or Switch's shared pre-norm."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x if self.config.moe_expert_norm else self._norm("pre_mlp_layer_norm")(x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module: nn.Module, params, *args):
+    return module.apply({"params": params}, *args)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_cached(module: nn.Module, params, cache, *args):
+    out, variables = module.apply({"params": params, "cache": cache}, *args, mutable=["cache"])
+    return out, variables["cache"]
+
+
+@jax.jit
+def _residual(x, y):
+    return x + y.astype(x.dtype)
+
+
+def _layer_tree(stack_tree: dict, index: int, scanned: bool) -> dict:
+    if scanned:
+        return jax.tree.map(lambda a: a[index], stack_tree["layers"])
+    return stack_tree[f"layers_{index}"]
+
+
+class SteppedModel:
+    """`EncoderDecoder` at inference, one jitted call per layer piece (see module docstring).
+
+    `moe_ffn` runs the MoE layers' expert part; by default the split block with every expert's
+    weights taken from `params` (nothing offloaded). The non-expert weights stay as given.
+    """
+
+    def __init__(self, config: ModelConfig, params: dict, moe_ffn: Optional[MoeFfn] = None):
+        self.config = c = config
+        params = nn.meta.unbox(params)
+        self.params = params
+        self.moe_ffn = moe_ffn or self.resident_moe_ffn
+        scanned = c.scan_layers
+        self.layers = {s: [_layer_tree(params[s], i, scanned) for i in range(self.num_layers(s))] for s in STACKS}
+        kw = dict(config=c, deterministic=True)
+        self._enc_layer = EncoderLayer(moe=False, **kw)
+        self._dec_layer = DecoderLayer(moe=False, decode=True, **kw)
+        self._enc_attention = _EncoderAttention(**kw)
+        self._dec_attention = _DecoderAttention(decode=True, **kw)
+        self._moe_input = _MoeInput(**kw)
+        self._embed = Embed(num_embeddings=c.vocab_size, features=c.d_model, init_std=c.init_std, dtype=c.dtype,
+                            param_dtype=c.param_dtype)
+        self._norm = RMSNorm(epsilon=c.layer_norm_epsilon, dtype=c.dtype, param_dtype=c.param_dtype)
+        self._relpos = {bi: RelativePositionBias(num_heads=c.num_heads, num_buckets=c.relative_attention_num_buckets,
+                                                 max_distance=c.relative_attention_max_distance, bidirectional=bi,
+                                                 init_std=c.init_std, param_dtype=c.param_dtype)
+                        for bi in (True, False)}
+        self._logits = Projection(features=(c.vocab_size,), kernel_axes=("embed", "vocab"), init_std=c.init_std,
+                                  dtype=c.dtype, param_dtype=c.param_dtype)
+
+    # ------------------------------------------------------------------ structure
+    def num_layers(self, stack: str) -> int:
+        return self.config.num_encoder_layers if stack == "encoder" else self.config.num_decoder_layers
+
+    def is_moe(self, stack: str, index: int) -> bool:
+        return self.config.is_moe_layer(stack, index)
+
+    def moe_layers(self) -> list[tuple[str, int]]:
+        """(stack, layer) of every MoE layer in the order a decoding step meets them."""
+        return [(s, i) for s in STACKS for i in range(self.num_layers(s)) if self.is_moe(s, i)]
+
+    def moe_params(self, stack: str, index: int) -> dict:
+        return self.layers[stack][index]["moe"]
+
+    def resident_moe_ffn(self, stack: str, index: int, h: jax.Array) -> jax.Array:
+        return split_moe.moe_resident(self.config, self.moe_params(stack, index), h)
+
+    def _ffn(self, stack: str, index: int, x: jax.Array) -> jax.Array:
+        p = self.layers[stack][index]
+        h = _apply(self._moe_input, p, x)
+        return _residual(x, self.moe_ffn(stack, index, h))
+
+    # ------------------------------------------------------------------ encoder
+    def encode(self, encoder_input_tokens) -> jax.Array:
+        tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
+        p = self.params
+        x = _apply(self._embed, p["token_embedder"], tokens)
+        valid = tokens > 0
+        length = tokens.shape[1]
+        bias = _encoder_bias(self._relpos[True], p["encoder"]["relpos_bias"], valid, length)
+        for i, lp in enumerate(self.layers["encoder"]):
+            if self.is_moe("encoder", i):
+                x = self._ffn("encoder", i, _apply(self._enc_attention, lp, x, bias))
+            else:
+                x = _apply(self._enc_layer, lp, x, bias)
+        return _apply(self._norm, p["encoder"]["encoder_norm"], x)
+
+    # ------------------------------------------------------------------ decoder
+    def init_state(self, encoded, encoder_input_tokens, max_length: int) -> dict:
+        """Decoding state: per-layer caches (decoding.init_cache's, split by layer), the step
+        index and the cross-attention bias."""
+        tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
+        cache = decoding.init_cache(self.config, self.params, encoded, tokens, max_length)["decoder"]
+        layers = [_layer_tree(cache, i, self.config.scan_layers) for i in range(self.num_layers("decoder"))]
+        cross = mask_to_bias(attention_mask(None, tokens > 0))
+        return {"layers": layers, "index": jnp.zeros((), jnp.int32), "encoded": encoded, "cross_bias": cross}
+
+    def step(self, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+        """(tokens [n], state) -> (float32 logits [n, vocab], state): one decoder position."""
+        p = self.params
+        index = state["index"]
+        max_length = state["layers"][0]["self_attention"]["cached_key"].shape[1]
+        x = _apply(self._embed, p["token_embedder"], jnp.asarray(tokens, jnp.int32)[:, None])
+        self_bias = _step_bias(self._relpos[False], p["decoder"]["relpos_bias"], index, max_length)
+        enc, cross = state["encoded"], state["cross_bias"]
+        caches = []
+        for i, (lp, cache) in enumerate(zip(self.layers["decoder"], state["layers"])):
+            if self.is_moe("decoder", i):
+                x, cache = _apply_cached(self._dec_attention, lp, cache, x, enc, self_bias, cross, index)
+                x = self._ffn("decoder", i, x)
+            else:
+                x, cache = _apply_cached(self._dec_layer, lp, cache, x, enc, self_bias, cross, index)
+            caches.append(cache)
+        dec = p["decoder"]
+        logits = _head(self.config, self._norm, self._logits, self._embed, dec["decoder_norm"],
+                       dec.get("logits_dense"), p["token_embedder"], x)
+        return logits, {**state, "layers": caches, "index": index + 1}
+
+    # ------------------------------------------------------------------ decoding (decoding.py's loops)
+    def greedy(self, encoder_input_tokens, *, max_new_tokens: int, min_new_tokens: int = 0,
+               eos_id: int = decoding.EOS_ID) -> decoding.DecodeOutput:
+        tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
+        state = self.init_state(self.encode(tokens), tokens, max_new_tokens)
+
+        def choose(logits, key):
+            del key
+            return decoding.argmax(logits)
+
+        with jax.disable_jit():
+            return decoding._sample_loop(self._host_step, state, tokens.shape[0], max_new_tokens=max_new_tokens,
+                                         min_new_tokens=min_new_tokens, eos_id=eos_id, choose=choose,
+                                         rng=jax.random.PRNGKey(0), needs_rng=False)
+
+    def beam_search(self, encoder_input_tokens, *, num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
+                    length_penalty_kind: str = "hf", early_stopping=False, min_new_tokens: int = 0,
+                    eos_id: int = decoding.EOS_ID) -> decoding.DecodeOutput:
+        tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
+        encoded = jnp.repeat(self.encode(tokens), num_beams, axis=0)
+        beam_tokens = jnp.repeat(tokens, num_beams, axis=0)
+        state = self.init_state(encoded, beam_tokens, max_new_tokens)
+        with jax.disable_jit():
+            return decoding._beam_loop(self._host_step, state, tokens.shape[0], num_beams=num_beams,
+                                       max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_id=eos_id,
+                                       alpha=jnp.float32(length_penalty),
+                                       penalty=decoding.LENGTH_PENALTIES[length_penalty_kind],
+                                       early_stopping=early_stopping, scanned=False)
+
+    def _host_step(self, tokens, state):
+        """The step called from decoding.py's loop bodies (run eagerly): layers jitted again."""
+        with jax.disable_jit(False):
+            logits, state = self.step(tokens, state)
+        return logits, state
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _encoder_bias(relpos: nn.Module, table: dict, valid: jax.Array, length: int) -> jax.Array:
+    bias = relpos.apply({"params": table}, length, length)
+    return bias + mask_to_bias(attention_mask(valid, valid))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _step_bias(relpos: nn.Module, table: dict, index: jax.Array, max_length: int) -> jax.Array:
+    """The new query at position `index` sees keys 0..index (model.transformer.Decoder)."""
+    k_pos = jnp.arange(max_length)
+    return relpos.apply({"params": table}, 1, max_length, q_offset=index) + mask_to_bias(
+        (k_pos <= index)[None, None, None, :])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _head(config: ModelConfig, norm: nn.Module, logits: nn.Module, embed: nn.Module, norm_params, logits_params,
+          embed_params, x):
+    """decoder_norm, then the output matrix (or the tied embedding), as model.transformer.Decoder."""
+    x = norm.apply({"params": norm_params}, x)
+    if config.tie_word_embeddings:
+        out = embed.apply({"params": embed_params}, x * config.d_model ** -0.5, method=embed.attend)
+    else:
+        out = logits.apply({"params": logits_params}, x)
+    return out[:, 0].astype(jnp.float32)
