@@ -88,10 +88,10 @@ def match_examples(split: str, pairs: list[dict]) -> list[dict]:
 def specs() -> list[TaskSpec]:
     jsonl = sources.read_jsonl
     return [
-        TaskSpec("en_zh", "local", local_files("en_zh"), jsonl, translation_example, [metrics.bleu],
+        TaskSpec("en_zh", "local", local_files("en_zh"), jsonl, translation_example, [metrics.translation_metrics],
                  postprocess_fn=strip_postprocess, subdir=""),
         TaskSpec("man_summary_zh", "local", local_files("man_summary_zh"), jsonl, summary_example,
-                 [metrics.rouge_l], postprocess_fn=strip_postprocess, subdir=""),
+                 [metrics.summary_metrics], postprocess_fn=strip_postprocess, subdir=""),
         TaskSpec("poem_next_line", "local", local_files("poem_next_line"), jsonl, poem_example,
                  [metrics.accuracy], postprocess_fn=strip_postprocess, subdir=""),
         TaskSpec("translation_match", "local", local_files("translation_match"), jsonl, pair_fields,

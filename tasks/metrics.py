@@ -1,14 +1,23 @@
 """Metrics of CPM-2's downstream tasks, in seqio's metric-function form.
 
 `fn(targets, predictions) -> {name: value}` (or `fn(targets, scores)` for ranking),
-values in percent like the paper's tables. BLEU uses sacrebleu with its Chinese
-tokeniser; ROUGE-L is computed on characters (LCSTS convention); Math23K answers are
-computed by a small arithmetic parser, never `eval`.
+values in percent like the paper's tables. Generation tasks report two conventions side
+by side:
+
+* the standard ones: `bleu` (sacrebleu, its Chinese tokeniser) and `rouge_l` (character
+  ROUGE-L F1, whitespace ignored);
+* the CPM-2 fine-tuning code's (`generation_metrics.Metric` of the release), so figures can
+  be set beside the paper's tables: `bleu_cpm2` (nltk `corpus_bleu` on characters,
+  whitespace included, 4-gram, smoothing method 3) and `rouge_l_cpm2` (ROUGE-L with
+  beta 1.2 on characters, whitespace included). Both are computed here without nltk.
+
+Math23K answers are computed by a small arithmetic parser, never `eval`.
 """
 from __future__ import annotations
 
 import collections
 import fractions
+import math
 import re
 from typing import Mapping, Sequence
 
@@ -27,11 +36,69 @@ def accuracy(targets: Sequence, predictions: Sequence) -> dict[str, float]:
 
 
 def bleu(targets: Sequence[str], predictions: Sequence[str], tokenize: str = "zh") -> dict[str, float]:
-    """Corpus BLEU (%) of predictions against one reference each (sacrebleu, `tokenize='zh'`)."""
+    """Corpus BLEU (%) of predictions against one reference each (sacrebleu, `tokenize='zh'`).
+
+    No pair at all scores 0 (sacrebleu itself raises IndexError on empty lists).
+    """
     import sacrebleu
 
+    if len(targets) != len(predictions):
+        raise ValueError(f"{len(targets)} targets vs {len(predictions)} predictions")
+    if not targets:
+        return {"bleu": 0.0}
     score = sacrebleu.corpus_bleu(list(predictions), [list(targets)], tokenize=tokenize)
     return {"bleu": float(score.score)}
+
+
+def _ngram_counts(tokens: Sequence, n: int) -> collections.Counter:
+    return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def corpus_bleu_method3(references: Sequence[Sequence], hypotheses: Sequence[Sequence], max_n: int = 4) -> float:
+    """nltk's `corpus_bleu` (one reference each, uniform weights) with `SmoothingFunction().method3`.
+
+    Clipped n-gram matches and counts are summed over the corpus; each sentence adds at
+    least 1 to every denominator (nltk's `max(1, count)`). No unigram match scores 0.
+    method3 (NIST geometric smoothing) replaces the k-th zero precision by 1 / (2^k d_n):
+        BLEU = BP * exp(sum_n log(p_n) / max_n),  BP = 1 if c > r else exp(1 - r / c)  (0 when c = 0)
+    """
+    matches, totals = [0] * max_n, [0] * max_n
+    hyp_length = ref_length = 0
+    for reference, hypothesis in zip(references, hypotheses):
+        hyp_length += len(hypothesis)
+        ref_length += len(reference)
+        for n in range(1, max_n + 1):
+            counts, ref_counts = _ngram_counts(hypothesis, n), _ngram_counts(reference, n)
+            matches[n - 1] += sum(min(c, ref_counts[g]) for g, c in counts.items())
+            totals[n - 1] += max(1, sum(counts.values()))
+    if not hypotheses or matches[0] == 0:
+        return 0.0
+    if hyp_length > ref_length:
+        penalty = 1.0
+    elif hyp_length == 0:
+        penalty = 0.0
+    else:
+        penalty = math.exp(1 - ref_length / hyp_length)
+    logs, zeros = [], 0
+    for match, total in zip(matches, totals):
+        if match == 0:
+            zeros += 1
+            logs.append(math.log(1 / (2 ** zeros * total)))
+        else:
+            logs.append(math.log(match / total))
+    return penalty * math.exp(math.fsum(w * x for w, x in zip([1 / max_n] * max_n, logs)))
+
+
+def bleu_cpm2(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """BLEU-4 (%) as the CPM-2 fine-tuning code reports it: characters, smoothing method 3."""
+    if len(targets) != len(predictions):
+        raise ValueError(f"{len(targets)} targets vs {len(predictions)} predictions")
+    return {"bleu_cpm2": 100.0 * corpus_bleu_method3([list(t) for t in targets], [list(p) for p in predictions])}
+
+
+def translation_metrics(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """WMT20 en-zh and en_zh: sacrebleu `zh` BLEU beside the CPM-2 convention."""
+    return {**bleu(targets, predictions), **bleu_cpm2(targets, predictions)}
 
 
 def lcs_length(a: Sequence, b: Sequence) -> int:
@@ -62,10 +129,34 @@ def rouge_l_f(reference: str, prediction: str, beta: float = 1.0) -> float:
 
 
 def rouge_l(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-    """Mean character-level ROUGE-L F (%) over examples."""
+    """Mean character-level ROUGE-L F1 (%) over examples (whitespace ignored)."""
     if not targets:
         return {"rouge_l": 0.0}
     return {"rouge_l": 100.0 * float(np.mean([rouge_l_f(t, p) for t, p in zip(targets, predictions)]))}
+
+
+def rouge_l_cpm2_f(reference: str, prediction: str, beta: float = 1.2) -> float:
+    """The release's `calc_rouge_l`: characters (whitespace kept), P = LCS/max(|pred|, 1e-10),
+    R = LCS/|ref|, F = (1+b^2)PR/(R+b^2 P) with b = 1.2, 0 when P or R is 0 (or |ref| = 0)."""
+    if not reference:
+        return 0.0
+    lcs = lcs_length(list(reference), list(prediction))
+    precision, recall = lcs / max(len(prediction), 1e-10), lcs / len(reference)
+    if precision == 0 or recall == 0:
+        return 0.0
+    return (1 + beta**2) * precision * recall / float(recall + beta**2 * precision)
+
+
+def rouge_l_cpm2(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-L (%) as the CPM-2 fine-tuning code reports it (beta 1.2, characters)."""
+    if not targets:
+        return {"rouge_l_cpm2": 0.0}
+    return {"rouge_l_cpm2": 100.0 * float(np.mean([rouge_l_cpm2_f(t, p) for t, p in zip(targets, predictions)]))}
+
+
+def summary_metrics(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """LCSTS and man_summary_zh: ROUGE-L F1 beside the CPM-2 convention."""
+    return {**rouge_l(targets, predictions), **rouge_l_cpm2(targets, predictions)}
 
 
 def distinct_n(predictions: Sequence[str], n: int) -> float:
@@ -79,8 +170,8 @@ def distinct_n(predictions: Sequence[str], n: int) -> float:
 
 
 def generation_metrics(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-    """AdGen: BLEU plus Distinct-1/2/4 of the predictions."""
-    out = bleu(targets, predictions)
+    """AdGen: BLEU (both conventions) plus Distinct-1/2/4 of the predictions."""
+    out = translation_metrics(targets, predictions)
     out.update({f"distinct_{n}": distinct_n(predictions, n) for n in (1, 2, 4)})
     return out
 

@@ -141,17 +141,52 @@ def _corpus_texts(max_chars: int = 4_000_000):
                     break
 
 
+# Everything besides the text that decides the automatic vocabulary; part of its cache key.
+AUTO_VOCAB_SETTINGS = {"recipe": 2, "vocab_size": AUTO_VOCAB_SIZE, "character_coverage": 0.995,
+                       "model_type": "unigram", "seed": 0, "max_chars": 4_000_000}
+
+
 def auto_vocabulary() -> pathlib.Path:
-    """A sentencepiece vocabulary trained once on local text and cached (a few seconds)."""
+    """A sentencepiece vocabulary trained once on local text and cached (about a minute).
+
+    Training is deterministic, and the cache key is a SHA-256 of the training text and
+    `AUTO_VOCAB_SETTINGS` (`auto_8000_<key>.model`): other data or settings never reuse
+    a file trained on something else.
+    """
+    import hashlib
+
     from cpm2_jax.tasks import vocabulary
 
-    target = cache_dir() / "vocab" / f"auto_{AUTO_VOCAB_SIZE}.model"
+    texts = list(_corpus_texts(AUTO_VOCAB_SETTINGS["max_chars"]))
+    digest = hashlib.sha256(json.dumps(AUTO_VOCAB_SETTINGS, sort_keys=True).encode())
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    size = AUTO_VOCAB_SETTINGS["vocab_size"]
+    target = cache_dir() / "vocab" / f"auto_{size}_{digest.hexdigest()[:16]}.model"
     if not target.is_file():
-        print(f"cpm2: no vocabulary configured (${VOCAB_ENV}); training a {AUTO_VOCAB_SIZE}-piece "
+        print(f"cpm2: no vocabulary configured (${VOCAB_ENV}); training a {size}-piece "
               f"one on local text into {target}", file=sys.stderr)
-        vocabulary.train_sentencepiece(_corpus_texts(), target.with_suffix(""), vocab_size=AUTO_VOCAB_SIZE,
-                                       character_coverage=0.995)
+        # Trained under a temporary name and renamed: a killed run leaves no half-written model.
+        partial = target.with_name(f"{target.stem}_partial{os.getpid()}")
+        model = vocabulary.train_sentencepiece(
+            texts, partial, vocab_size=size,
+            character_coverage=AUTO_VOCAB_SETTINGS["character_coverage"],
+            model_type=AUTO_VOCAB_SETTINGS["model_type"], seed=AUTO_VOCAB_SETTINGS["seed"])
+        os.replace(model, target)
+        partial.with_suffix(".vocab").unlink(missing_ok=True)
     return target
+
+
+def vocabulary_spec(extra_ids: int = DEFAULT_EXTRA_IDS) -> dict:
+    """What a checkpoint records to reload the configured vocabulary: its file, the file's
+    SHA-256, its kind, sentinel count and normalisation (JSON-serialisable)."""
+    import hashlib
+
+    path = vocabulary_path()
+    resolved = resolved_vocabulary(extra_ids)
+    return {"path": str(path.absolute()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "kind": "sentencepiece" if path.suffix == ".model" else "vocab_txt",
+            "extra_ids": resolved.extra_ids, "normalize": bool(getattr(resolved, "normalize", False))}
 
 
 @functools.lru_cache(maxsize=8)

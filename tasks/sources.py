@@ -154,20 +154,29 @@ class RecordSource(seqio.FunctionDataSource):
 
 
 def read_jsonl(path: pathlib.Path) -> Iterator[tuple[int, "dict | Malformed"]]:
-    """JSON Lines: one object a line; blank lines ignored; values kept as parsed."""
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield number, Malformed(f"invalid JSON ({err.msg} at column {err.colno})")
-                continue
-            if not isinstance(value, dict):
-                yield number, Malformed(f"expected a JSON object, got {type(value).__name__}")
-                continue
-            yield number, value
+    """JSON Lines: one object a line; blank lines ignored; values kept as parsed.
+
+    A line that is not valid UTF-8 is malformed like broken JSON (never decoded to U+FFFD).
+    """
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if raw.strip():
+                yield number, parse_json_line(raw)
+
+
+def parse_json_line(raw: bytes) -> "dict | Malformed":
+    """One JSON Lines record from its bytes, or why it is malformed."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return Malformed(f"not UTF-8 (byte {err.start + 1}: {err.reason})")
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as err:
+        return Malformed(f"invalid JSON ({err.msg} at column {err.colno})")
+    if not isinstance(value, dict):
+        return Malformed(f"expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def text_fields(reader: Reader, mapping: Mapping[str, "str | Callable[[dict], str]"]) -> Reader:

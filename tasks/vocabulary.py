@@ -57,6 +57,24 @@ def segment_words(text: str) -> list[str]:
     return _jieba().lcut(text.translate(_TO_PLACEHOLDERS))
 
 
+# The released tokenizer's `Q2B`: full-width forms U+FF00..U+FF5E -> ASCII (code - 0xFEE0) and the
+# ideographic space U+3000 -> ' ', except nine Chinese punctuation marks it keeps full-width.
+KEPT_FULL_WIDTH = "，。！（）？、；："
+_HALF_WIDTH = {code: code - 0xFEE0 for code in range(0xFF00, 0xFF5F) if chr(code) not in KEPT_FULL_WIDTH}
+_HALF_WIDTH[0x3000] = 0x20
+
+
+def half_width(text: str) -> str:
+    """Full-width -> half-width as the released CPM-2 tokenizer applies before segmenting."""
+    return text.translate(_HALF_WIDTH)
+
+
+def released_words(text: str) -> list[str]:
+    """The released tokenizer's words: half-width text cut by jieba, then each word's
+    space/newline replaced by the placeholders (jieba sees the real whitespace)."""
+    return [word.translate(_TO_PLACEHOLDERS) for word in _jieba().lcut(half_width(text))]
+
+
 def restore_whitespace(text: str) -> str:
     """Inverse of the placeholder mapping: '▂' -> ' ', '▃' -> newline."""
     return text.translate(_FROM_PLACEHOLDERS)
@@ -156,8 +174,10 @@ class Cpm2Vocabulary(seqio.Vocabulary):
 
     def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
         def decode(array: np.ndarray) -> np.ndarray:
-            flat = array.reshape(-1, array.shape[-1]) if array.ndim else array.reshape(1, 0)
-            texts = [self.decode(row).encode("utf-8") for row in flat]
+            # Rows counted explicitly: reshape(-1, 0) is ambiguous for zero-length ids.
+            rows = array.reshape(1, 1) if array.ndim == 0 else array.reshape(
+                int(np.prod(array.shape[:-1], dtype=np.int64)), array.shape[-1])
+            texts = [self.decode(row).encode("utf-8") for row in rows]
             return np.asarray(texts, dtype=object).reshape(array.shape[:-1])
 
         text = tf.numpy_function(decode, [ids], tf.string, stateful=False)
@@ -302,10 +322,15 @@ class WordPieceVocabulary(Cpm2Vocabulary):
     sentinels `<s_N>` move to the end (`<s_0>` last). `released_ids` maps each id to its
     line in the file, so embedding rows of a released checkpoint can be permuted to match.
     A character no piece covers becomes `<unk>`, as in the released tokenizer.
+
+    `normalize` (on for a released `vocab.txt`) applies what the released tokenizer does
+    before the word-piece match: full-width -> half-width (`half_width`), jieba on the
+    text with its real whitespace, then the placeholders (`released_words`). Off, text is
+    segmented as by `segment_words` (placeholders first) and kept as it is.
     """
 
     def __init__(self, pieces: Sequence[str], extra_ids: int = 0,
-                 released_ids: Sequence[int] | None = None, max_word_chars: int = 200):
+                 released_ids: Sequence[int] | None = None, max_word_chars: int = 200, normalize: bool = False):
         specials = [PAD_PIECE, EOS_PIECE, UNK_PIECE, SEP_PIECE]
         if list(pieces[:4]) != specials:
             raise ConfigError(f"word-piece list must start with {specials}, got {list(pieces[:4])}")
@@ -313,14 +338,17 @@ class WordPieceVocabulary(Cpm2Vocabulary):
         self._index = {p: i for i, p in enumerate(self._pieces)}
         self._max_len = max(len(p) for p in self._pieces)
         self._max_word_chars = max_word_chars
+        self.normalize = normalize
         self.released_ids = np.asarray(
             released_ids if released_ids is not None else np.arange(len(pieces) + extra_ids), np.int64
         )
         super().__init__(extra_ids=extra_ids)
 
     @classmethod
-    def from_vocab_txt(cls, path: str | os.PathLike, extra_ids: int | None = None) -> "WordPieceVocabulary":
-        """Load a CPM-2 vocab.txt; `extra_ids` adds sentinels when the file has none."""
+    def from_vocab_txt(cls, path: str | os.PathLike, extra_ids: int | None = None,
+                       normalize: bool = True) -> "WordPieceVocabulary":
+        """Load a CPM-2 vocab.txt; `extra_ids` adds sentinels when the file has none; `normalize`
+        applies the released tokenizer's full-width -> half-width step (on by default)."""
         path = pathlib.Path(path)
         if not path.is_file():
             raise ConfigError(f"vocab.txt not found: {path}")
@@ -345,7 +373,7 @@ class WordPieceVocabulary(Cpm2Vocabulary):
             raise ConfigError(f"{path}: sentinels <s_N> are not numbered 0..{len(sentinel_lines) - 1}")
         # Sentinel k is the k-th id from the end.
         released += [sentinel_lines.get(k, -1) for k in reversed(range(n_sentinels))]
-        return cls(pieces, extra_ids=n_sentinels, released_ids=released)
+        return cls(pieces, extra_ids=n_sentinels, released_ids=released, normalize=normalize)
 
     @property
     def _base_vocab_size(self) -> int:
@@ -372,7 +400,8 @@ class WordPieceVocabulary(Cpm2Vocabulary):
         return ids
 
     def _encode_text(self, s: str) -> list[int]:
-        return [i for word in segment_words(s) for i in self.split_word(word)]
+        words = released_words(s) if self.normalize else segment_words(s)
+        return [i for word in words for i in self.split_word(word)]
 
     def _pieces_to_text(self, ids: Sequence[int]) -> str:
         return restore_whitespace("".join(self._pieces[i] for i in ids))
@@ -388,11 +417,12 @@ class WordPieceVocabulary(Cpm2Vocabulary):
         """Chinese -> bilingual: append `new_pieces`, keep every existing piece id."""
         added = [p for p in dict.fromkeys(new_pieces) if p and p not in self._index]
         extra = self.extra_ids if extra_ids is None else extra_ids
-        extended = WordPieceVocabulary(self._pieces + added, extra_ids=extra)
+        extended = WordPieceVocabulary(self._pieces + added, extra_ids=extra, normalize=self.normalize)
         return extended, describe_extension(self.pieces(), extended.pieces(), self.extra_ids, extra)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, WordPieceVocabulary) and self.pieces() == other.pieces()
+        return (isinstance(other, WordPieceVocabulary) and self.pieces() == other.pieces()
+                and self.normalize == other.normalize)
 
     def __hash__(self) -> int:
         return hash((len(self._pieces), self.extra_ids, tuple(self._pieces[:64])))
@@ -400,14 +430,18 @@ class WordPieceVocabulary(Cpm2Vocabulary):
 
 def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike, vocab_size: int = 8000,
                         model_type: str = "unigram", character_coverage: float = 0.9995,
-                        max_sentences: int = 2_000_000, num_threads: int = 2) -> pathlib.Path:
+                        max_sentences: int = 2_000_000, num_threads: int = 1, seed: int = 0) -> pathlib.Path:
     """Train a sentencepiece model on jieba-segmented `texts`; returns the `.model` path.
 
     `vocab_size` counts sentencepiece pieces (pad/eos/unk/<sep>/placeholders/bytes
     included); sentinels come on top as `extra_ids` of `SentencePieceVocabulary`.
+    Deterministic: the same texts and settings give a byte-identical file (the sampling
+    and shuffling of input lines are seeded with `seed`; one training thread, since the
+    trainer's multi-threaded EM sums in an order that varies from run to run).
     """
     import sentencepiece as spm
 
+    spm.set_random_generator_seed(seed)
     model_prefix = pathlib.Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as handle:
@@ -436,7 +470,21 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike, v
         raise ConfigError(f"sentencepiece training failed: {err}") from err
     finally:
         os.unlink(corpus)
-    return model_prefix.with_suffix(".model")
+    model_file = model_prefix.with_suffix(".model")
+    _drop_training_paths(model_file)
+    return model_file
+
+
+def _drop_training_paths(model_file: pathlib.Path) -> None:
+    """Clear the paths sentencepiece records in the model (a temporary input file, the output
+    prefix): the file then depends on the texts and settings alone."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.model_prefix = ""
+    model_file.write_bytes(proto.SerializeToString())
 
 
 def load_vocabulary(path: str | os.PathLike, extra_ids: int = 100) -> Cpm2Vocabulary:

@@ -36,7 +36,7 @@ def test_distinct_n():
     assert M.distinct_n(["aab", "ab"], 1) == pytest.approx(40.0)
     assert M.distinct_n(["aab", "ab"], 2) == pytest.approx(200 / 3)
     assert M.distinct_n(["a"], 2) == 0.0
-    assert set(M.generation_metrics(["好看"], ["好看"])) == {"bleu", "distinct_1", "distinct_2", "distinct_4"}
+    assert set(M.generation_metrics(["好看"], ["好看"])) == {"bleu", "bleu_cpm2", "distinct_1", "distinct_2", "distinct_4"}
 
 
 def test_mean_reciprocal_rank():
@@ -72,3 +72,59 @@ def test_math_answer_accuracy():
     assert out["equation_accuracy"] == pytest.approx(0.0)
     assert M.equation_value("x=6/4") == fractions.Fraction(3, 2)
     assert M.equation_value("not math") is None
+
+
+PAIRS = [  # (reference, prediction): Chinese, English, placeholders, partial and no overlap
+    ("我爱北京天安门", "我在北京天安门广场"),
+    ("文件 %s 不存在\n", "文件%s不存在"),
+    ("无法打开设备", "无法打开"),
+    ("Permission denied", "permission denied!"),
+    ("打开", "关闭窗口"),
+    ("选项：一", "一"),
+]
+
+
+def test_bleu_cpm2_matches_nltk_corpus_bleu_method3():
+    translate = pytest.importorskip("nltk.translate.bleu_score")
+    smoothing = translate.SmoothingFunction().method3
+    for pairs in (PAIRS, PAIRS[:1], PAIRS[4:5], PAIRS[1:4], [("短", "短句子很长")]):
+        refs, preds = [r for r, _ in pairs], [p for _, p in pairs]
+        expected = translate.corpus_bleu([[list(r)] for r in refs], [list(p) for p in preds],
+                                         smoothing_function=smoothing)
+        assert M.bleu_cpm2(refs, preds)["bleu_cpm2"] == pytest.approx(100 * expected, abs=1e-6), pairs
+    assert M.bleu_cpm2([], []) == {"bleu_cpm2": 0.0}
+
+
+def _released_rouge_l(reference, prediction, beta=1.2):
+    """The CPM-2 release's `Metric.calc_rouge_l` for one (reference, prediction) pair, as written there."""
+    ref, hyp = list(reference), list(prediction)
+    lengths = [[0] * (len(hyp) + 1) for _ in range(len(ref) + 1)]
+    for i in range(1, len(ref) + 1):
+        for j in range(1, len(hyp) + 1):
+            lengths[i][j] = lengths[i - 1][j - 1] + 1 if ref[i - 1] == hyp[j - 1] else max(
+                lengths[i - 1][j], lengths[i][j - 1])
+    lcs = lengths[-1][-1]
+    prec, rec = lcs / max(len(hyp), 1e-10), lcs / len(ref)
+    return ((1 + beta**2) * prec * rec) / float(rec + beta**2 * prec) if prec != 0 and rec != 0 else 0.0
+
+
+def test_rouge_l_cpm2_matches_the_released_computation_and_rouge_l_f1_matches_rouge_score():
+    refs, preds = [r for r, _ in PAIRS], [p for _, p in PAIRS]
+    expected = 100 * sum(_released_rouge_l(r, p) for r, p in PAIRS) / len(PAIRS)
+    assert M.rouge_l_cpm2(refs, preds)["rouge_l_cpm2"] == pytest.approx(expected, abs=1e-6)
+    scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    # rouge-score on space-separated non-space characters is character ROUGE-L F1.
+    rouge = scorer.RougeScorer(["rougeL"], tokenizer=_CharTokenizer())
+    f1 = [rouge.score(r, p)["rougeL"].fmeasure for r, p in PAIRS]
+    assert M.rouge_l(refs, preds)["rouge_l"] == pytest.approx(100 * sum(f1) / len(f1), abs=1e-6)
+    assert set(M.summary_metrics(refs, preds)) == {"rouge_l", "rouge_l_cpm2"}
+
+
+class _CharTokenizer:
+    def tokenize(self, text):
+        return [c for c in text if not c.isspace()]
+
+
+def test_empty_corpora_score_zero():
+    assert M.bleu([], []) == {"bleu": 0.0}
+    assert M.translation_metrics([], []) == {"bleu": 0.0, "bleu_cpm2": 0.0}

@@ -71,3 +71,21 @@ def test_data_dir_setting(tmp_path, monkeypatch):
         assert settings.task_dir("lcqmc", "cpm2_lcqmc") == tmp_path / "x" / "lcqmc"
     finally:
         settings.set_data_dir(None)
+
+
+def test_invalid_utf8_in_json_lines_is_malformed(tmp_path, caplog):
+    good = json.dumps({"text": "好"}).encode()
+    # Valid JSON around a byte that is not UTF-8 (it used to become U+FFFD in the text).
+    (tmp_path / "a.jsonl").write_bytes(good + b"\n" + b'{"text": "bad \xff byte"}\n' + good + b"\n")
+    sources.reset_stats()
+    with caplog.at_level(logging.WARNING):
+        records = list(_source(tmp_path, ["a.jsonl"]).records("train"))
+    assert [r["text"] for r in records] == ["好", "好"]
+    assert (sources.stats("toy", "train").records, sources.stats("toy", "train").skipped) == (2, 1)
+    assert f"{tmp_path / 'a.jsonl'}:2: not UTF-8" in caplog.text
+    settings.set_malformed_policy("fail")
+    try:
+        with pytest.raises(DataError, match=r"a\.jsonl:2: not UTF-8"):
+            list(_source(tmp_path, ["a.jsonl"]).records("train"))
+    finally:
+        settings.set_malformed_policy(None)

@@ -131,3 +131,85 @@ def test_bad_vocabulary_files(tmp_path):
         V.load_vocabulary(tmp_path / "missing.model")
     with pytest.raises(ConfigError, match="vocab.txt not found"):
         V.WordPieceVocabulary.from_vocab_txt(tmp_path / "missing.txt")
+
+
+def test_decode_tf_of_zero_length_ids(tiny_vocab):
+    assert tiny_vocab.decode_tf(tf.zeros([0], tf.int32)).numpy() == b""
+    assert list(tiny_vocab.decode_tf(tf.zeros([2, 0], tf.int32)).numpy()) == [b"", b""]
+    assert tiny_vocab.decode_tf(tf.zeros([0, 3], tf.int32)).shape == (0,)
+
+
+RELEASED = {"zh": "zh_vocab.txt", "bilingual": "bilingual_vocab.txt"}
+
+
+def test_half_width_by_hand():
+    assert V.half_width("ＡＢＣ１２３ａｂｃ＋－＝＠　ｘ") == "ABC123abc+-=@ x"
+    # The nine marks the released tokenizer keeps full-width, and text outside U+FF00..FF5E.
+    assert V.half_width("，。！（）？、；：") == "，。！（）？、；："
+    assert V.half_width("中文「引号」～·…") == "中文「引号」~·…"
+    assert V.half_width("！＂＃") == "！\"#"
+
+
+def _released_ids(lines, text):
+    """The released `EncDecTokenizer.encode`, step by step as written there: Q2B per character,
+    jieba on the text, placeholders per word, greedy longest match over the file's lines."""
+    index = {token: number for number, token in enumerate(lines)}
+    chars = []
+    for char in text:
+        code = ord(char)
+        if char not in "，。！（）？、；：":
+            code = 0x20 if code == 0x3000 else code - 0xFEE0
+        chars.append(chr(code) if 0x20 <= code <= 0x7E and char not in "，。！（）？、；：" else char)
+    ids = []
+    for word in V._jieba().lcut("".join(chars)):
+        word = word.replace(" ", "\u2582").replace("\n", "\u2583")
+        start = 0
+        while start < len(word):
+            for end in range(len(word), start, -1):
+                if word[start:end] in index:
+                    ids.append(index[word[start:end]])
+                    start = end
+                    break
+            else:
+                ids.append(index["<unk>"])
+                start += 1
+    return ids
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_vocabularies_normalise_like_the_released_tokenizer(shared_data, name):
+    path = shared_data / "cpm2_vocab" / RELEASED[name]
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    vocab = V.load_vocabulary(path)
+    assert vocab.normalize
+    texts = ["全角ＡＢＣ与１２３，空格　在这里！", "ｐｒｉｎｔｆ（＂％ｓ＂）；　ｏｋ", "无法打开文件 %s：权限不够\n"]
+    with open(shared_data / "en_zh_validation.jsonl", encoding="utf-8") as handle:
+        records = [__import__("json").loads(line) for line in handle]
+    texts += [r["zh"] for r in records if any(0xFF00 <= ord(c) <= 0xFF5E or c == "\u3000" for c in r["zh"])][:40]
+    for text in texts:
+        ours = [int(vocab.released_ids[i]) for i in vocab.encode(text)]
+        assert ours == _released_ids(lines, text), text
+    # Off, U+3000 stays a character no piece covers.
+    plain = V.WordPieceVocabulary.from_vocab_txt(path, normalize=False)
+    assert V.UNK_ID in plain.encode("空格　在") and V.UNK_ID not in vocab.encode("空格　在")
+
+
+def test_auto_vocabulary_is_deterministic_and_keyed_by_data_and_settings(shared_data, tmp_path, monkeypatch):
+    from cpm2_jax.tasks import settings
+
+    zh, en = real_texts(shared_data, zh_docs=60, en_docs=10, en_chars=800)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, texts in (("zh_mono.jsonl", zh), ("en_mono.jsonl", en)):
+        (data / name).write_text("".join(__import__("json").dumps({"text": t}) + "\n" for t in texts))
+    monkeypatch.setattr(settings, "AUTO_VOCAB_SETTINGS", dict(settings.AUTO_VOCAB_SETTINGS, vocab_size=3000))
+    monkeypatch.setenv("CPM2_DATA_DIR", str(data))
+    built = []
+    for cache in ("a", "b"):
+        monkeypatch.setenv("CPM2_CACHE_DIR", str(tmp_path / cache))
+        built.append(settings.auto_vocabulary())
+    assert built[0].name == built[1].name and built[0].read_bytes() == built[1].read_bytes()
+    (data / "zh_mono.jsonl").write_text("".join(__import__("json").dumps({"text": t}) + "\n" for t in zh[:-1]))
+    assert settings.auto_vocabulary().name != built[0].name
+    monkeypatch.setattr(settings, "AUTO_VOCAB_SETTINGS", dict(settings.AUTO_VOCAB_SETTINGS, character_coverage=0.99))
+    assert settings.auto_vocabulary().name != built[0].name
