@@ -2,8 +2,10 @@
 
 Two layouts of the token rows (built by `moe.dispatch`):
 - ragged:  lhs [M, K], rows sorted by expert, `group_sizes` [E] (rows past their sum are
-  zero); backends `ragged_dot` (jax.lax.ragged_dot: dropless, no padding) and, later,
-  `pallas` (the grouped-matmul kernel of `cpm2_jax.kernels`);
+  zero); backends `xla` (alias `ragged_dot`: jax.lax.ragged_dot, dropless, no padding) and
+  `pallas` (the grouped-matmul kernels of `cpm2_jax.kernels`: Mosaic on TPU, Triton on GPU,
+  interpret mode on CPU; under an `expert` mesh axis one kernel per shard through shard_map,
+  each on its local experts, outputs summed over the expert shards);
 - batched: lhs [E, M, K], M slots per expert (expert-major: `layer.expert_ffn` moves the
   [G, E, C, K] buffers of `moe.dispatch` to [E, G*C, K]); backends `padded` and `einsum`
   (both a batched matmul here; they differ in how `dispatch` fills the slots).
@@ -16,12 +18,14 @@ input-gradient products (33 vs 42 ms and 23 vs 30 ms for 32 x [256, 512] x [512,
 2 cores), while for the weight gradient neither form won. Under an expert-sharded mesh a
 loop would slice a sharded axis, so the batched dot is used there.
 
-`auto` picks per platform by measurement (benchmarks/moe_dispatch.py; the CPU figures of
-issue 5: ragged_dot 1.03 s vs padded 0.059 s vs dense 0.034 s for 8,192 x 512 -> 1024 over
-32 experts), falling back to the ragged layout when padding would waste most of the work.
+`auto` picks per platform (benchmarks/moe_dispatch.py; the CPU figures of issue 5:
+ragged_dot 1.03 s vs padded 0.059 s vs dense 0.034 s for 8,192 x 512 -> 1024 over 32
+experts): the Pallas kernels where the platform has a Pallas lowering (GPU, TPU), the padded
+layout on CPU, falling back to the ragged layout when padding would waste most of the work.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import flax.linen as nn
@@ -32,20 +36,25 @@ from cpm2_jax.errors import ConfigError, closest
 from cpm2_jax.moe.expert_loop import looped_matmul
 
 BACKENDS = ("ragged_dot", "padded", "einsum", "pallas")
+# Other names of the same backends (moe_backend accepts both; select_backend returns the key's value).
+ALIASES = {"xla": "ragged_dot"}
 RAGGED_BACKENDS = ("ragged_dot", "pallas")
 # Default per platform. CPU: XLA's ragged_dot lowers to a slow loop, a padded batched matmul is
-# within 2x of a dense one. GPU/TPU: ragged_dot has native grouped-matmul lowerings (no padding).
-AUTO_BACKEND = {"cpu": "padded", "gpu": "ragged_dot", "cuda": "ragged_dot", "rocm": "ragged_dot",
-                "tpu": "ragged_dot"}
+# within 2x of a dense one (and Pallas has no CPU lowering, only the slow interpret mode).
+# GPU/TPU: the Pallas grouped matmul (kernels/; XLA's ragged_dot was reported at ~23 TFLOP/s
+# on a B200 against ~1,500 for a dedicated kernel). Not measured on a device by this project
+# yet: benchmarks/kernels_gpu.py and kernels_tpu.py are the scripts that decide it.
+AUTO_BACKEND = {"cpu": "padded", "gpu": "pallas", "cuda": "pallas", "rocm": "ragged_dot", "tpu": "pallas"}
 # `auto` avoids the padded layout when padded slots would exceed this multiple of routed rows
 # (e.g. the argmax fallback of the balanced router, which needs capacity S per expert).
 MAX_PADDING_RATIO = 2.0
 
 
 def check_backend(name: str) -> None:
-    if name != "auto" and name not in BACKENDS:
-        raise ConfigError(f"unknown moe_backend {name!r}{closest(name, BACKENDS + ('auto',))}; "
-                          f"known: auto, {', '.join(BACKENDS)}")
+    known = BACKENDS + tuple(ALIASES)
+    if name != "auto" and name not in known:
+        raise ConfigError(f"unknown moe_backend {name!r}{closest(name, known + ('auto',))}; "
+                          f"known: auto, {', '.join(known)}")
 
 
 def select_backend(name: str, *, routed_rows: int, padded_rows: int, platform: Optional[str] = None,
@@ -59,7 +68,7 @@ def select_backend(name: str, *, routed_rows: int, padded_rows: int, platform: O
     """
     check_backend(name)
     if name != "auto":
-        return name
+        return ALIASES.get(name, name)
     platform = platform or jax.default_backend()
     if expert_sharded is None:
         expert_sharded = expert_axis_sharded()
@@ -69,18 +78,23 @@ def select_backend(name: str, *, routed_rows: int, padded_rows: int, platform: O
     return choice
 
 
-def expert_axis_sharded() -> bool:
-    """Whether the mesh in scope (jax.set_mesh) splits the `expert` logical axis under the
-    flax logical-axis rules in scope."""
+def expert_mesh_axes() -> tuple[str, ...]:
+    """The axes of the mesh in scope (jax.set_mesh) of size > 1 that split the `expert` logical
+    axis under the flax logical-axis rules in scope."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return False
+        return ()
     spec = nn.logical_to_mesh_axes(("expert",))
     axes = spec[0] if len(spec) else None
     if axes is None:
-        return False
+        return ()
     axes = axes if isinstance(axes, tuple) else (axes,)
-    return any(mesh.shape.get(a, 1) > 1 for a in axes)
+    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+
+
+def expert_axis_sharded() -> bool:
+    """Whether the mesh in scope splits the `expert` logical axis."""
+    return bool(expert_mesh_axes())
 
 
 def use_expert_loop(platform: Optional[str] = None) -> bool:
@@ -99,17 +113,44 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Optional[jax.Arr
     `expert_loop` picks the loop form of the batched product (`use_expert_loop`)."""
     dtype = dtype or lhs.dtype
     lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
+    backend = ALIASES.get(backend, backend)
+    if backend in RAGGED_BACKENDS and group_sizes is None:
+        raise ValueError(f"the {backend} backend needs group_sizes")
     if backend == "ragged_dot":
-        if group_sizes is None:
-            raise ValueError("the ragged_dot backend needs group_sizes")
         return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32))
+    if backend == "pallas":
+        return pallas_grouped_matmul(lhs, rhs, group_sizes.astype(jnp.int32))
     if backend in ("padded", "einsum"):
         if lhs.ndim != 3 or lhs.shape[0] != rhs.shape[0]:
             raise ValueError(f"batched grouped_matmul needs lhs [E, M, K] with E = {rhs.shape[0]} "
                              f"experts, got {lhs.shape}")
         return looped_matmul(lhs, rhs) if expert_loop else _batched_dot(lhs, rhs)
-    if backend == "pallas":
-        raise ConfigError("moe_backend 'pallas' needs the grouped-matmul kernel of cpm2_jax.kernels, "
-                          "which is not built yet; use ragged_dot, padded or einsum")
     check_backend(backend)
     raise ConfigError(f"moe_backend {backend!r} must be resolved with select_backend first")
+
+
+def pallas_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """cpm2_jax.kernels.gmm (differentiable); under an `expert` mesh axis one kernel per shard
+    through shard_map: every device takes all rows and its local experts (group_offset = shard
+    index x local experts), writes zeros on the other experts' rows, and the shards' outputs
+    are summed (an all-reduce over the expert axes, as XLA partitions ragged_dot). Devices of the
+    other mesh axes repeat the same work (the rows are not split among them)."""
+    from cpm2_jax.kernels import gmm  # the kernels import Pallas: only when this backend runs
+
+    axes = expert_mesh_axes()
+    if not axes:
+        return gmm(lhs, rhs, group_sizes)
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if rhs.shape[0] % shards:
+        raise ConfigError(f"num_experts {rhs.shape[0]} is not divisible by the {shards} shards of mesh "
+                          f"axes {axes} that split the `expert` axis")
+    local = rhs.shape[0] // shards
+    spec = jax.sharding.PartitionSpec
+
+    def per_shard(rows, weights, sizes):
+        offset = jax.lax.axis_index(axes) * local
+        return jax.lax.psum(gmm(rows, weights, sizes, group_offset=offset), axes)
+
+    return jax.shard_map(per_shard, in_specs=(spec(), spec(axes), spec()), out_specs=spec(), check_vma=False)(
+        lhs, rhs, group_sizes)

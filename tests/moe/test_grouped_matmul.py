@@ -62,13 +62,18 @@ def test_expert_loop_only_where_experts_are_not_split():
 
 def test_backend_selection():
     assert select_backend("einsum", routed_rows=8, padded_rows=8) == "einsum"
+    assert select_backend("xla", routed_rows=8, padded_rows=8) == "ragged_dot"  # the alias
     assert select_backend("auto", routed_rows=8, padded_rows=8, platform="cpu") == "padded"
-    assert select_backend("auto", routed_rows=8, padded_rows=8, platform="gpu") == "ragged_dot"
+    # Platforms with a Pallas lowering take the kernels of cpm2_jax.kernels.
+    assert select_backend("auto", routed_rows=8, padded_rows=8, platform="gpu") == "pallas"
+    assert select_backend("auto", routed_rows=8, padded_rows=8, platform="tpu") == "pallas"
     # Expert parallelism: the padded buffers' all-to-all, on every platform.
     assert select_backend("auto", routed_rows=8, padded_rows=8, platform="gpu", expert_sharded=True) == "padded"
     # The balanced router's argmax fallback needs capacity S per expert: padding would waste E x.
     assert select_backend("auto", routed_rows=64, padded_rows=64 * 32, platform="cpu") == "ragged_dot"
     with pytest.raises(ConfigError, match="did you mean 'padded'"):
         select_backend("paded", routed_rows=1, padded_rows=1)
-    with pytest.raises(ConfigError, match="kernel"):
-        grouped_matmul(jnp.zeros((2, 2)), jnp.zeros((1, 2, 2)), jnp.array([2]), backend="pallas")
+    with pytest.raises(ConfigError, match="did you mean 'xla'"):
+        select_backend("xl", routed_rows=1, padded_rows=1)
+    with pytest.raises(ValueError, match="pallas backend needs group_sizes"):
+        grouped_matmul(jnp.zeros((2, 2)), jnp.zeros((1, 2, 2)), backend="pallas")
