@@ -77,3 +77,45 @@ def test_backend_selection():
         select_backend("xl", routed_rows=1, padded_rows=1)
     with pytest.raises(ValueError, match="pallas backend needs group_sizes"):
         grouped_matmul(jnp.zeros((2, 2)), jnp.zeros((1, 2, 2)), backend="pallas")
+
+
+def _moe_loss_and_grads(backend, mesh=None):
+    """MoE block (top-2 router, 8 experts) loss, output and gradients w.r.t. params and input,
+    on one device or on `mesh` with the expert weights split over its `expert` axis."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from cpm2_jax.config import get_config
+    from cpm2_jax.moe.layer import MoeBlock
+    from cpm2_jax.partitioning import LOGICAL_AXIS_RULES, init_sharded, mesh_context, rules_for_mesh
+
+    c = get_config("cpm2_moe_tiny", moe_router="top_k", moe_top_k=2, moe_capacity_factor=2.0, init_std=0.05,
+                   num_experts=8, moe_backend=backend)
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, c.d_model))
+    module = MoeBlock(config=c, deterministic=False)
+
+    def loss(v, x):
+        y = module.apply(v, x, rngs={"dropout": jax.random.PRNGKey(3)})
+        return jnp.sum(y * jnp.sin(jnp.arange(y.size).reshape(y.shape))), y
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    if mesh is None:
+        return step(nn.unbox(module.init(jax.random.PRNGKey(1), x)), x)
+    variables, _ = init_sharded(module, jax.random.PRNGKey(1), x, mesh=mesh)
+    with mesh_context(mesh), nn.logical_axis_rules(rules_for_mesh(mesh.axis_names, LOGICAL_AXIS_RULES)):
+        return step(variables, jax.device_put(x, NamedSharding(mesh, P(("data", "expert")))))
+
+
+def test_moe_layer_with_pallas_equals_xla_on_one_device_and_on_an_expert_mesh():
+    """backend="pallas" (kernels in interpret mode on CPU) gives the MoE block's outputs and
+    gradients of backend="xla" (ragged_dot; tests/moe/test_layer.py ties that to padded and
+    einsum), on one device and on the data=2, expert=4 mesh (one kernel per expert shard)."""
+    from cpm2_jax.partitioning import cpu_test_mesh
+
+    want = _moe_loss_and_grads("xla")
+    mesh = cpu_test_mesh(data=2, model=1, expert=4)
+    for where, got in (("one device", _moe_loss_and_grads("pallas")),
+                       ("data=2, expert=4", _moe_loss_and_grads("pallas", mesh))):
+        leaves, ref = jax.tree.leaves(got), jax.tree.leaves(want)
+        assert len(leaves) == len(ref) and float(jnp.abs(ref[1]).max()) > 1e-3
+        for a, b in zip(leaves, ref):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=where)
