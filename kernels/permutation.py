@@ -38,59 +38,20 @@ def _gpu_cols(d: int) -> int:
 
 def gather_rows(x, index, scale=None, *, config: KernelConfig):
     """out[i] = scale[i] * x[index[i]] ([M, d] from x [T, d]); zero where index[i] >= T."""
-    t, d = x.shape
-    m = index.shape[0]
-    index = index.astype(jnp.int32)
-    valid = index < t
-    src = jnp.where(valid, index, 0)
-    scale = jnp.where(valid, 1.0 if scale is None else scale.astype(_F32), 0.0).astype(_F32)
-    if config.lowering == "tpu":
-        def kernel(src_ref, scale_ref, x_ref, out_ref):
-            i = pl.program_id(0)
-            out_ref[...] = (x_ref[...].astype(_F32) * scale_ref[i]).astype(out_ref.dtype)
-
-        spec = pl.BlockSpec((None, 1, d), lambda i, src_ref, scale_ref: (src_ref[i], 0, 0))
-        out = pl.pallas_call(
-            kernel, out_shape=jax.ShapeDtypeStruct((m, 1, d), x.dtype),
-            grid_spec=pltpu.PrefetchScalarGridSpec(
-                num_scalar_prefetch=2, grid=(m,), in_specs=[spec],
-                out_specs=pl.BlockSpec((None, 1, d), lambda i, *_: (i, 0, 0))),
-            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-            interpret=config.interpret, name="cpm2_permute")(src, scale, x.reshape(t, 1, d))
-        return out.reshape(m, d)
-    td = _gpu_cols(d)
-    dp, mp = -(-d // td) * td, -(-m // GPU_ROWS) * GPU_ROWS
-    xp = jnp.pad(x, ((0, 0), (0, dp - d))) if dp != d else x
-    src_p, scale_p = jnp.pad(src, (0, mp - m)), jnp.pad(scale, (0, mp - m))
-
-    def kernel(src_ref, scale_ref, x_ref, out_ref):
-        i, j = pl.program_id(0), pl.program_id(1)
-        cols = pl.ds(pl.multiple_of(j * td, td), td)
-
-        def body(r, carry):
-            row = i * GPU_ROWS + r
-            value = plgpu.load(x_ref.at[pl.ds(src_ref[row], 1), cols]).astype(_F32) * scale_ref[row]
-            plgpu.store(out_ref.at[pl.ds(row, 1), cols], value.astype(out_ref.dtype))
-            return carry
-
-        jax.lax.fori_loop(0, GPU_ROWS, body, 0)
-
-    out = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((mp, dp), x.dtype), grid=(mp // GPU_ROWS, dp // td),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-        interpret=config.interpret, name="cpm2_permute")(src_p, scale_p, xp)
-    return out[:m, :d]
+    scale = jnp.ones(index.shape, _F32) if scale is None else scale
+    return combine_rows(x, index[:, None], scale[:, None], config=config)
 
 
 def combine_rows(y, rows, weights, *, config: KernelConfig):
     """out[t] = sum_j weights[t, j] * y[rows[t, j]] ([T, d] from y [M, d], rows/weights [T, k]);
-    terms with rows[t, j] >= M are zero. Accumulates in float32."""
+    terms with rows[t, j] >= M are zero. Accumulates in float32. (gather_rows is k = 1.)"""
     m, d = y.shape
     t, k = rows.shape
     valid = rows.astype(jnp.int32) < m
     src = jnp.where(valid, rows, 0).astype(jnp.int32).reshape(-1)
     w = jnp.where(valid, weights.astype(_F32), 0.0).reshape(-1)
-    if config.lowering == "tpu":
+    name = "cpm2_permute" if k == 1 else "cpm2_combine"
+    if config.lowering == "tpu":  # grid (token, choice): one row DMA per step, the output revisited over j
         def kernel(src_ref, w_ref, y_ref, out_ref, acc_ref):
             tok, j = pl.program_id(0), pl.program_id(1)
 
@@ -112,8 +73,9 @@ def combine_rows(y, rows, weights, *, config: KernelConfig):
                 out_specs=pl.BlockSpec((None, 1, d), lambda i, j, *_: (i, 0, 0)),
                 scratch_shapes=[pltpu.VMEM((1, d), _F32)]),
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-            interpret=config.interpret, name="cpm2_combine")(src, w, y.reshape(m, 1, d))
+            interpret=config.interpret, name=name)(src, w, y.reshape(m, 1, d))
         return out.reshape(t, d)
+    # GPU: a program per (GPU_ROWS output rows, td columns), looping over its rows.
     td = _gpu_cols(d)
     dp, tp = -(-d // td) * td, -(-t // GPU_ROWS) * GPU_ROWS
     yp = jnp.pad(y, ((0, 0), (0, dp - d))) if dp != d else y
@@ -137,7 +99,7 @@ def combine_rows(y, rows, weights, *, config: KernelConfig):
     out = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((tp, dp), y.dtype), grid=(tp // GPU_ROWS, dp // td),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-        interpret=config.interpret, name="cpm2_combine")(src_p, w_p, yp)
+        interpret=config.interpret, name=name)(src_p, w_p, yp)
     return out[:t, :d]
 
 
