@@ -48,6 +48,7 @@ class ModelConfig:
     # Mixture of experts (0 = dense). Filled in by the MoE configs.
     num_experts: int = 0
     moe_router: str = "balanced"
+    # auto | xla (alias ragged_dot) | padded | einsum | pallas (cpm2_jax.kernels); moe.grouped_matmul
     moe_backend: str = "auto"
     moe_capacity_factor: float = 1.0
     moe_top_k: int = 1
