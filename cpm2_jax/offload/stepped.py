@@ -7,9 +7,11 @@ submodules), then `moe_ffn(stack, index, h)` - the split MoE block (offload.spli
 the experts at hand, or a runner streaming them - then the residual. Relative-position bias,
 masks and the KV cache are built as in `model.transformer` / `decoding.init_cache`.
 
-Greedy and beam search reuse `decoding.py`'s loops: under `jax.disable_jit()` their
-`lax.while_loop` runs as a Python loop, and each step re-enables jit for the layers, so the
-bookkeeping (EOS, scores, beams, length penalty) is decoding.py's own, token for token.
+Greedy decoding is a host loop with decoding.py's per-step choice (one jitted call a step).
+Beam search reuses `decoding.py`'s loop: under `jax.disable_jit()` its `lax.while_loop` runs
+as a Python loop and each step re-enables jit for the layers, so the beam bookkeeping (scores,
+finished beams, length penalty) is decoding.py's own, token for token (slow: its bookkeeping
+then runs op by op).
 """
 from __future__ import annotations
 
@@ -183,17 +185,23 @@ class SteppedModel:
     # ------------------------------------------------------------------ decoding (decoding.py's loops)
     def greedy(self, encoder_input_tokens, *, max_new_tokens: int, min_new_tokens: int = 0,
                eos_id: int = decoding.EOS_ID) -> decoding.DecodeOutput:
+        """decoding.greedy's result (tokens padded with 0 after EOS, summed log-probs, lengths),
+        from a host loop: one jitted choice per step, stopping once every row has ended."""
         tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
+        batch = tokens.shape[0]
         state = self.init_state(self.encode(tokens), tokens, max_new_tokens)
-
-        def choose(logits, key):
-            del key
-            return decoding.argmax(logits)
-
-        with jax.disable_jit():
-            return decoding._sample_loop(self._host_step, state, tokens.shape[0], max_new_tokens=max_new_tokens,
-                                         min_new_tokens=min_new_tokens, eos_id=eos_id, choose=choose,
-                                         rng=jax.random.PRNGKey(0), needs_rng=False)
+        current = jnp.full((batch,), decoding.DECODER_START_ID, jnp.int32)
+        done, score = jnp.zeros((batch,), jnp.bool_), jnp.zeros((batch,), jnp.float32)
+        out = []
+        for i in range(max_new_tokens):
+            logits, state = self.step(current, state)
+            current, done, score = _greedy_choice(logits, done, score, jnp.int32(i), min_new_tokens, eos_id)
+            out.append(current)
+            if bool(done.all()):
+                break
+        out += [jnp.zeros((batch,), jnp.int32)] * (max_new_tokens - len(out))
+        result = jnp.stack(out, axis=1)
+        return decoding.DecodeOutput(tokens=result, scores=score, lengths=decoding._lengths(result, eos_id))
 
     def beam_search(self, encoder_input_tokens, *, num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
                     length_penalty_kind: str = "hf", early_stopping=False, min_new_tokens: int = 0,
@@ -214,6 +222,16 @@ class SteppedModel:
         with jax.disable_jit(False):
             logits, state = self.step(tokens, state)
         return logits, state
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _greedy_choice(logits, done, score, i, min_new_tokens: int, eos_id: int):
+    """decoding._sample_loop's greedy step: EOS forbidden before `min_new_tokens`, argmax, pad
+    after a row's EOS, log-prob of the choice added to the row's score."""
+    logits = decoding.forbid_token(logits, eos_id, i < min_new_tokens)
+    chosen = jnp.where(done, decoding.PAD_ID, decoding.argmax(logits).astype(jnp.int32))
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), chosen[:, None], axis=-1)[:, 0]
+    return chosen, jnp.logical_or(done, chosen == eos_id), score + jnp.where(done, 0.0, logp)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
