@@ -125,6 +125,52 @@ def parse_gin(files: Sequence[str] = (), bindings: Sequence[str] = (), search: s
         raise ConfigError(_explain_gin_error(err, resolved, bindings)) from None
     finally:
         root.setLevel(level)
+    check_macros_are_read(bindings)
+
+
+def _binding_macros(bindings: Sequence[str]) -> list[str]:
+    """Names of the macros the given bindings set (`NAME = value`: no '.' in the name)."""
+    names = []
+    for binding in bindings:
+        for line in str(binding).splitlines():
+            m = re.match(r"^\s*([A-Za-z_][\w]*)\s*=", line)
+            if m:
+                names.append(m.group(1))
+    return names
+
+
+def referenced_macros() -> set[str]:
+    """Every macro some parsed binding reads (`%NAME` anywhere in a bound value)."""
+    found: set[str] = set()
+
+    def walk(value) -> None:
+        if isinstance(value, gin.config.ConfigurableReference):
+            if value.selector == "gin.macro":
+                found.add("/".join(value.scopes))
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(key)
+                walk(item)
+
+    for values in gin.config._CONFIG.values():  # pylint: disable=protected-access
+        for value in values.values():
+            walk(value)
+    return found
+
+
+def check_macros_are_read(bindings: Sequence[str]) -> None:
+    """A macro set by a flag (`--gin.LEARNIN_RATE=1e9`) that no parsed file or binding reads
+    is a misspelling (gin would accept it and the run would use the default): a ConfigError
+    naming it and the closest macro that is read. Macros that gin files set and this binary
+    does not read (a model file's macros under another run file) are left alone."""
+    read = referenced_macros()
+    for name in _binding_macros(bindings):
+        if name not in read:
+            raise ConfigError(f"gin: --gin.{name} sets macro {name}, which no gin file or binding of this run reads"
+                              f"{closest(name, sorted(read))}; the macros read are {', '.join(sorted(read))}")
 
 
 def _explain_gin_error(err: Exception, files, bindings) -> str:
