@@ -18,8 +18,16 @@ import gin
 from cpm2_jax.config import ModelConfig, get_config
 from cpm2_jax.errors import ConfigError, closest
 
-# The repository's gin/ folder (the project is installed editable; see README "Layout").
-GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
+
+def _gin_dir() -> pathlib.Path:
+    """The gin files: `cpm2_jax/gin` in an installed wheel (package data), else the
+    repository's top-level gin/ (an editable install or a checkout)."""
+    package = pathlib.Path(__file__).resolve().parent
+    installed = package / "gin"
+    return installed if installed.is_dir() else package.parent / "gin"
+
+
+GIN_DIR = _gin_dir()
 
 
 @gin.configurable(module="cpm2_jax")
