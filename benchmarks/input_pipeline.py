@@ -1,18 +1,34 @@
-"""Input-pipeline throughput: span-corruption batches (inputs 512 / targets 256, batch 32).
+"""Input pipeline: throughput, row fill and resume time of span-corruption batches.
 
 Runs the registered bilingual pre-training mixture (2:1 zh:en, packed, as the trainer gets
-it from `cpm2_jax.tasks.pipeline.get_batch_iterator`) over the data directory
-(`$CPM2_DATA_DIR`, default ../shared/data) and the configured vocabulary (`$CPM2_VOCAB`,
-default: the automatic one, trained once and cached). Warm-up batches (shuffle buffer
-fill, first tokenisation) are excluded. Prints one JSON object as the last line and
-writes it to benchmarks/results/input_pipeline.json.
+it from `cpm2_jax.tasks.pipeline.get_batch_iterator`) at the run files' lengths (inputs
+512 / targets 114, `span_corruption.feature_lengths_for(512)`, what gin/runs/pretrain.gin
+sets) over the data directory (`$CPM2_DATA_DIR`, default ../shared/data) and the configured
+vocabulary (`$CPM2_VOCAB`, default: the automatic one, trained once and cached).
 
-    .venv/bin/python benchmarks/input_pipeline.py [--batches 20] [--warmup 3]
+* `examples_per_s`: batches of 32 after `--warmup` batches (corpus index, first tokenisation).
+* `encoder_fill`, `decoder_fill`: non-padding fraction of the encoder / decoder positions
+  over `--fill-batches` (100) batches (targets >= 0.97 / >= 0.9); the same for targets 256
+  (CPM2_FACTS' figure) beside it.
+* `resume_s_at_100k`: seconds from `BatchIterator.restore(state)` to its first batch for a
+  state at step 100,000, in a fresh process (index and vocabulary cold), beside the same
+  measurement at step 0 and at a real step-50 state. A straight run to step 100,000 is out of
+  reach here (3.2M examples), so that state is the step-50 one advanced along each task's
+  record order by its measured records per step (the restore reads the same things at any
+  step: one document per task, at the position it names).
+* `train_examples_per_s` / `headroom`: the `small` config's train step on the same batches;
+  headroom = examples_per_s / train_examples_per_s (target >= 3).
+
+    .venv/bin/python benchmarks/input_pipeline.py [--batches 20] [--fill-batches 100]
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import os
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -20,6 +36,55 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from report import RESULTS_DIR, machine_info, write_report  # noqa: E402  (benchmarks/report.py)
 
 RESULT = RESULTS_DIR / "input_pipeline.json"
+RESUME_STEP = 100_000
+
+
+def fill(iterator, batches: int) -> tuple[float, float]:
+    """Non-padding fraction of encoder and decoder positions over `batches` batches."""
+    import numpy as np
+
+    enc = dec = enc_total = dec_total = 0
+    for _ in range(batches):
+        batch = next(iterator)
+        enc += int(np.count_nonzero(batch["encoder_input_tokens"]))
+        dec += int(np.count_nonzero(batch["decoder_target_tokens"]))
+        enc_total += batch["encoder_input_tokens"].size
+        dec_total += batch["decoder_target_tokens"].size
+    return enc / enc_total, dec / dec_total
+
+
+def advanced_state(state: dict, steps_from: int, steps_to: int, iterator) -> dict:
+    """`state` (taken at step `steps_from`) moved to `steps_to` along each task's record order
+    at the records per step measured so far, the document being cut restarting at offset 1."""
+    out = copy.deepcopy(state)
+    scale = steps_to / steps_from
+    stream = out["position"]["stream"]
+    stream["examples"] = int(stream["examples"] * scale)
+    for leaf in iterator._stream.streams:  # noqa: SLF001 (the benchmark inspects the mixture)
+        task = stream["tasks"][leaf.name]
+        epoch, position = task["next"]
+        consumed = int((epoch * leaf.order.per_epoch + position) * scale)
+        epoch, position = divmod(consumed, leaf.order.per_epoch)
+        task["current"] = {"epoch": epoch, "position": position, "offset": 1}
+        epoch, position = leaf.order.following(epoch, position)
+        task["next"] = [epoch, position]
+        task["chunks"] = int(task["chunks"] * scale)
+    out["step"] = steps_to
+    return out
+
+
+def time_restore(state: dict) -> float:
+    """Seconds from restore to the first batch in a fresh process (imports not counted)."""
+    script = (
+        "import json, sys, time\n"
+        "from cpm2_jax.tasks import pipeline\n"
+        "state = json.loads(sys.stdin.read())\n"
+        "started = time.perf_counter()\n"
+        "next(pipeline.BatchIterator.restore(state))\n"
+        "print(time.perf_counter() - started)\n")
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps(state), capture_output=True, text=True,
+                          check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -28,38 +93,60 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--fill-batches", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-steps", type=int, default=2,
                         help="timed steps of the `small` config's train step (after one compile step); 0 skips")
     args = parser.parse_args()
 
-    import numpy as np
+    from cpm2_jax.tasks import pipeline, settings, span_corruption
 
-    from cpm2_jax.tasks import pipeline, settings
-
-    lengths = {"inputs": 512, "targets": 256}
+    lengths = span_corruption.feature_lengths_for(512)
     vocab_path = settings.vocabulary_path()
-    iterator = pipeline.get_batch_iterator(args.task, feature_lengths=lengths, batch_size=args.batch_size,
-                                           seed=args.seed)
+    kwargs = dict(feature_lengths=lengths, batch_size=args.batch_size, seed=args.seed)
+    iterator = pipeline.get_batch_iterator(args.task, **kwargs)
     started = time.perf_counter()
     for _ in range(args.warmup):
         next(iterator)
     warmup_s = time.perf_counter() - started
     started = time.perf_counter()
-    real_tokens = 0
     for _ in range(args.batches):
         batch = next(iterator)
-        real_tokens += int(np.count_nonzero(batch["encoder_input_tokens"]))
     elapsed = time.perf_counter() - started
     examples_per_s = args.batches * args.batch_size / elapsed
+
+    print(f"fill over {args.fill_batches} batches ...", file=sys.stderr, flush=True)
+    encoder_fill, decoder_fill = fill(pipeline.get_batch_iterator(args.task, **kwargs), args.fill_batches)
+    cpm2_lengths = {"inputs": 512, "targets": 256}
+    fill_256 = fill(pipeline.get_batch_iterator(args.task, **dict(kwargs, feature_lengths=cpm2_lengths)),
+                    max(1, args.fill_batches // 10))
+
+    print("resume timings ...", file=sys.stderr, flush=True)
+    real = pipeline.get_batch_iterator(args.task, **kwargs)
+    start_state = real.state()
+    for _ in range(50):
+        next(real)
+    state_50 = real.state()
+    state_100k = advanced_state(state_50, 50, RESUME_STEP, real)
+    resume = {"step_0": time_restore(start_state), "step_50": time_restore(state_50),
+              "step_100000": time_restore(state_100k)}
+
     train_examples_per_s = _train_examples_per_s(batch, args.train_steps) if args.train_steps else None
     result = {
         "examples_per_s": round(examples_per_s, 2),
         "train_examples_per_s": round(train_examples_per_s, 3) if train_examples_per_s else None,
         "headroom": round(examples_per_s / train_examples_per_s, 1) if train_examples_per_s else None,
-        "note": ("train_examples_per_s: the `small` config's jitted train step (forward + backward + "
-                 "AdamW, float32, one CPU device, 4 accumulated micro-batches of 8) on the same 512/256 x 32 "
-                 "batches; headroom = "
+        "encoder_fill": round(encoder_fill, 4),
+        "decoder_fill": round(decoder_fill, 4),
+        "resume_s_at_100k": round(resume["step_100000"], 2),
+        "resume_s": {k: round(v, 2) for k, v in resume.items()},
+        "fill_at_targets_256": {"encoder_fill": round(fill_256[0], 4), "decoder_fill": round(fill_256[1], 4),
+                                "batches": max(1, args.fill_batches // 10)},
+        "note": ("fill: non-padding fraction over fill_batches batches (targets >= 0.97 encoder, >= 0.9 decoder); "
+                 "resume_s: restore -> first batch in a fresh process, imports excluded (the step-100000 state is "
+                 "the step-50 state advanced along the record order at the measured rate; target <= 10 s); "
+                 "train_examples_per_s: the `small` config's jitted train step (forward + backward + AdamW, "
+                 "float32, one CPU device, 4 accumulated micro-batches of 8) on the same batches; headroom = "
                  "examples_per_s / train_examples_per_s (target >= 3: input never starves training)"),
         "task": args.task,
         "batch_size": args.batch_size,
@@ -68,7 +155,7 @@ def main() -> int:
         "batches_timed": args.batches,
         "warmup_batches": args.warmup,
         "warmup_s": round(warmup_s, 2),
-        "encoder_tokens_per_s": round(real_tokens / elapsed, 1),
+        "fill_batches": args.fill_batches,
         "vocabulary": str(vocab_path),
         "vocab_size": settings.default_vocabulary().vocab_size,
         "machine": machine_info(),
@@ -88,7 +175,7 @@ def _train_examples_per_s(batch, steps: int) -> float:
     from cpm2_jax.trainer import Trainer, TrainerConfig
 
     # 4 micro-batches of 8 (still one AdamW update per 32 examples) keep the step within this
-    # machine's memory: the [32, 256, 52736] float32 logits alone are 1.7 GB.
+    # machine's memory.
     trainer = Trainer(get_config("small"), TrainerConfig(grad_accum_steps=4),
                       make_mesh({"data": 1}, jax.devices()[:1]), total_steps=steps + 1)
     state = trainer.init_state()

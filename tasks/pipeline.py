@@ -1,30 +1,31 @@
 """Deterministic, resumable numpy batches of a registered task or mixture, for the trainer.
 
     it = get_batch_iterator("cpm2_pretrain_bilingual", split="train",
-                            feature_lengths={"inputs": 512, "targets": 256},
+                            feature_lengths={"inputs": 512, "targets": 114},
                             batch_size=32, seed=0, shard_index=0, num_shards=1, start_step=0)
     batch = next(it)       # encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                            # decoder_loss_weights (+ *_segment_ids / *_positions when packed)
-    saved = it.state()     # {"step": ..., and every argument}: JSON-serialisable
+    saved = it.state()     # {"step", every argument, "position"}: JSON-serialisable, a few KB
     it = BatchIterator.restore(saved)   # continues with exactly the batch an uninterrupted run gives
     it.close()             # or `with get_batch_iterator(...) as it:`
 
-`close()` releases the tf.data iterator (its prefetch thread and the Python generator
-feeding it) there and then. An iterator still open when the interpreter exits is
-closed by an `atexit` hook (`close_all`): a generator-backed tf.data iterator left
-alive into interpreter shutdown hangs or aborts the process (its prefetch thread still
-calls into the Python generator while Python tears itself down).
+Batches come from `streams` (records through a seeded global permutation, epoch by
+epoch; pre-training text joined and cut into full chunks, then span-corrupted) and
+`packing` (rows, greedy packing). Batch n is a pure function of (task, split, lengths,
+batch size, seed, shard, n): record order, mixture draws and span-corruption noise all
+derive from `seed`. `state()` holds the position after the last batch (each stream's
+next record and the record it is cutting, the chunk counter, the packer's pending
+example): `restore` continues from it in constant time, reading only the records of the
+batches it yields. A state without a position (or `start_step` alone) replays.
 
-Batch n is a pure function of (task, split, lengths, batch size, seed, shard, n): shuffling,
-mixture sampling and span-corruption noise all derive from `seed` (seqio's map seeds and
-shuffle seeds); tf.data keeps element order deterministic. Restoring at step N replays
-the pipeline's first N batches (cheap next to training; no randomness is re-drawn).
+Truncation, packing and other per-example warnings are logged once per (task, reason)
+and counted in `stats()`.
 """
 from __future__ import annotations
 
 import atexit
 import dataclasses
-import gc
+import logging
 import weakref
 from typing import Any, Mapping
 
@@ -33,7 +34,10 @@ import seqio
 import tensorflow as tf
 
 from cpm2_jax.errors import ConfigError, DataError, closest
-from cpm2_jax.tasks import registry, truncation
+from cpm2_jax.tasks import packing, registry, span_corruption, streams
+
+log = logging.getLogger(__name__)
+DEFAULT_FEATURE_LENGTHS = span_corruption.feature_lengths_for(512)
 
 # The input pipeline runs on the host CPU; keep TensorFlow off the accelerators JAX uses.
 tf.config.set_visible_devices([], "GPU")
@@ -69,7 +73,7 @@ class IteratorConfig:
 
     name: str
     split: str = "train"
-    feature_lengths: tuple[tuple[str, int], ...] = (("inputs", 512), ("targets", 256))
+    feature_lengths: tuple[tuple[str, int], ...] = (("inputs", 512), ("targets", 114))
     batch_size: int = 32
     seed: int = 0
     shard_index: int = 0
@@ -92,40 +96,31 @@ def close_all() -> None:
 class BatchIterator:
     """Iterator of model-feature numpy batches with `step`, `state()`, `restore()` and `stats()`.
 
-    Close it (`close()`, or use it as a context manager) when done; after `close()` it
-    is exhausted (`next` raises StopIteration) while `state()` and `stats()` still answer.
+    After `close()` it is exhausted (`next` raises StopIteration) while `state()` and
+    `stats()` still answer.
     """
 
-    _iterator = None  # set last in __init__: close() is safe on a half-built iterator
-
     def __init__(self, config: IteratorConfig, start_step: int = 0,
-                 provider: seqio.DatasetProviderBase | None = None):
+                 provider: seqio.DatasetProviderBase | None = None, position: Mapping[str, Any] | None = None):
         if config.batch_size < 1 or not 0 <= config.shard_index < config.num_shards:
             raise ConfigError(f"bad batch size or shard: {config}")
         self.config = config
-        self.step = start_step
+        self.step = 0
+        self._closed = False
         self._provider = provider or get_provider(config.name)
-        lengths = dict(config.feature_lengths)
-        self._truncated = {k: tf.Variable(0, dtype=tf.int64, trainable=False) for k in lengths}
-        self._examples = tf.Variable(0, dtype=tf.int64, trainable=False)
-        dataset = task_dataset(self._provider, config.split, lengths, config.seed, config.shuffle,
-                               config.num_epochs, config.shard_index, config.num_shards)
-        dataset = dataset.map(self._count, num_parallel_calls=1)
-        converter = seqio.EncDecFeatureConverter(pack=config.pack)
-        dataset = converter(dataset, lengths)
-        dataset = dataset.batch(config.batch_size, drop_remainder=True)
-        # Replays the first `start_step` batches: exact resume, same data as a straight run.
-        dataset = dataset.skip(start_step).prefetch(2)
-        self._iterator = iter(dataset.as_numpy_iterator())
+        self._lengths = dict(config.feature_lengths)
+        self._stream = streams.build_stream(
+            self._provider, config.split, self._lengths, seed=config.seed, shuffle=config.shuffle,
+            num_epochs=config.num_epochs, shard_index=config.shard_index, num_shards=config.num_shards)
+        self._packer = packing.Packer(self._stream, self._lengths, config.pack)
         _OPEN.add(self)
-
-    def _count(self, example):
-        self._examples.assign_add(1)
-        for key, variable in self._truncated.items():
-            flag = example.get(truncation.truncated_key(key))
-            if flag is not None:
-                variable.assign_add(tf.cast(flag, tf.int64))
-        return example
+        if position is not None:
+            self._stream.restore(position["stream"])
+            self._packer.restore(position["packer"])
+            self.step = start_step
+        else:
+            for _ in range(start_step):  # no saved position: replay (exact, O(start_step))
+                next(self)
 
     def __iter__(self):
         return self
@@ -138,68 +133,83 @@ class BatchIterator:
 
     @property
     def closed(self) -> bool:
-        return self._iterator is None
+        return self._closed
 
     def close(self) -> None:
-        """Release the tf.data iterator now: its prefetch thread stops and the source generator closes.
-
-        Idempotent. The iterator resource is freed with its last Python reference; the
-        collection pass frees it even if a reference cycle (e.g. a traceback) holds it.
-        """
-        iterator, self._iterator = self._iterator, None
+        """Stop: later `next` calls raise StopIteration (idempotent; nothing runs in the background)."""
+        self._closed = True
         _OPEN.discard(self)
-        if iterator is not None:
-            del iterator
-            gc.collect()
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._iterator is None:
+        if self._closed:
             raise StopIteration
+        rows = []
         try:
-            batch = next(self._iterator)
-        except tf.errors.OpError as err:
-            raise data_error_from(err) from None
+            for _ in range(self.config.batch_size):
+                rows.append(self._packer.next_row())
+        except StopIteration:
+            self.close()  # a finite stream ended: the partial batch is dropped, as drop_remainder did
+            raise
         self.step += 1
-        return batch
+        return packing.to_features(rows, self._lengths, self.config.pack)
+
+    def position(self) -> dict[str, Any]:
+        """Where the next batch starts: each stream's record position and the packer's pending example."""
+        return {"stream": self._stream.state(), "packer": self._packer.state()}
 
     def state(self) -> dict[str, Any]:
-        """JSON-serialisable resume point: the configuration and the next step."""
+        """JSON-serialisable resume point: the configuration, the next step and the position."""
         state = dataclasses.asdict(self.config)
         state["feature_lengths"] = dict(self.config.feature_lengths)
         state["step"] = self.step
+        state["position"] = self.position()
         return state
 
     @classmethod
-    def restore(cls, state: Mapping[str, Any]) -> "BatchIterator":
+    def restore(cls, state: Mapping[str, Any], provider: seqio.DatasetProviderBase | None = None
+                ) -> "BatchIterator":
         fields = dict(state)
         step = int(fields.pop("step"))
+        position = fields.pop("position", None)
         fields["feature_lengths"] = tuple(sorted(dict(fields["feature_lengths"]).items()))
-        return cls(IteratorConfig(**fields), start_step=step)
+        return cls(IteratorConfig(**fields), start_step=step, provider=provider, position=position)
 
     def stats(self) -> dict[str, int]:
-        """Examples read so far (prefetch included) and how many had a feature truncated."""
-        out = {"examples": int(self._examples.numpy())}
-        out.update({f"truncated_{k}": int(v.numpy()) for k, v in self._truncated.items()})
+        """Examples made so far and how many had a feature truncated."""
+        out = {"examples": self._stream.examples}
+        out.update({f"truncated_{k}": v for k, v in self._stream.truncated_counts.items()})
         return out
+
+    def records_read(self) -> int:
+        """Documents read from pre-training corpora so far (what a resume avoids re-reading)."""
+        return sum(s.corpus.reads for s in _leaf_streams(self._stream) if hasattr(s, "corpus"))
+
+
+def _leaf_streams(stream):
+    return [leaf for child in stream.streams for leaf in _leaf_streams(child)] if hasattr(stream, "streams") \
+        else [stream]
 
 
 def get_batch_iterator(mixture_or_task_name: str | seqio.DatasetProviderBase, *, split: str = "train",
                        feature_lengths: Mapping[str, int] | None = None, batch_size: int = 32, seed: int = 0,
                        shard_index: int = 0, num_shards: int = 1, start_step: int = 0, pack: bool = True,
-                       shuffle: bool = True, num_epochs: int | None = None) -> BatchIterator:
+                       shuffle: bool = True, num_epochs: int | None = None,
+                       position: Mapping[str, Any] | None = None) -> BatchIterator:
     """The trainer's entry point: deterministic batches of `mixture_or_task_name` from `start_step`.
 
-    `feature_lengths` defaults to CPM-2's inputs 512 / targets 256. Each of `num_shards`
+    `feature_lengths` defaults to inputs 512 / targets 114 (what span corruption of 512 needs). Each of `num_shards`
     data-parallel hosts passes its `shard_index`; `batch_size` is that host's batch.
     `num_epochs=None` repeats forever (training); evaluation passes 1 and `shuffle=False`.
+    `position` (from a saved `state()["position"]` of the same configuration) resumes at
+    `start_step` in constant time; without it, `start_step` batches are replayed.
     """
-    lengths = dict(feature_lengths or {"inputs": 512, "targets": 256})
+    lengths = dict(feature_lengths or DEFAULT_FEATURE_LENGTHS)
     provider = None if isinstance(mixture_or_task_name, str) else mixture_or_task_name
     name = mixture_or_task_name if isinstance(mixture_or_task_name, str) else mixture_or_task_name.name
     config = IteratorConfig(name=name, split=split, feature_lengths=tuple(sorted(lengths.items())),
                             batch_size=batch_size, seed=seed, shard_index=shard_index, num_shards=num_shards,
                             pack=pack, shuffle=shuffle, num_epochs=num_epochs)
-    return BatchIterator(config, start_step=start_step, provider=provider)
+    return BatchIterator(config, start_step=start_step, provider=provider, position=position)
 
 
 def data_error_from(err: tf.errors.OpError) -> Exception:

@@ -123,17 +123,21 @@ class CorpusSource(sources.RecordSource):
         patterns = self._patterns if self._patterns is not None else corpus_files(self._language)
         return sources.resolve_files(self._task, self._directory(), patterns)
 
+    def where(self, split: str) -> str:
+        """'data dir D (files)': how errors name this corpus."""
+        directory = self._directory()
+        files = self.files(split)
+        names = [str(f.relative_to(directory)) if f.is_relative_to(directory) else str(f) for f in files]
+        return f"data dir {directory} ({', '.join(names)})"
+
     def _dataset_fn(self, split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         if split not in ("train", "validation"):
             raise DataError(f"task {self._task!r} has no split {split!r}; it has ['train', 'validation']")
-        directory = self._directory()
         files = self.files(split)
         dataset = tf.data.Dataset.from_generator(
             functools.partial(sources.read_records, self._task, split, files, self._reader, self._fields),
             output_signature={"text": tf.TensorSpec([], tf.string)})
-        names = [str(f.relative_to(directory)) if f.is_relative_to(directory) else str(f) for f in files]
-        where = f"data dir {directory} ({', '.join(names)})"
-        return holdout(dataset, split, task=self._task, where=where)
+        return holdout(dataset, split, task=self._task, where=self.where(split))
 
 
 def output_features(vocabulary: seqio.Vocabulary) -> Mapping[str, seqio.Feature]:
@@ -143,10 +147,24 @@ def output_features(vocabulary: seqio.Vocabulary) -> Mapping[str, seqio.Feature]
     }
 
 
+_SPAN_SETTINGS: dict[str, tuple[float, float]] = {}
+
+
+def span_settings(task: str) -> tuple[float, float]:
+    """(noise density, mean noise span length) of a span-corruption task."""
+    return _SPAN_SETTINGS.get(task, (span_corruption.NOISE_DENSITY, span_corruption.MEAN_NOISE_SPAN_LENGTH))
+
+
 def span_corruption_task(name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary,
                          noise_density: float = span_corruption.NOISE_DENSITY,
                          mean_noise_span_length: float = span_corruption.MEAN_NOISE_SPAN_LENGTH) -> seqio.Task:
-    """text -> tokens -> chunks -> span corruption -> EOS (trimmed and counted)."""
+    """text -> tokens + EOS -> joined and cut into full chunks -> span corruption -> EOS.
+
+    The batch iterator (`pipeline`, through `streams.SpanCorruptionStream`) computes the
+    same steps in a resumable global shuffle; these seqio preprocessors serve seqio's
+    consumers (`cpm2 data show`, evaluation) in file order.
+    """
+    _SPAN_SETTINGS[name] = (noise_density, mean_noise_span_length)
     return seqio.Task(
         name,
         source=source,

@@ -69,7 +69,7 @@ def reset_stats() -> None:
 def read_records(task: str, split: str, files: Sequence[pathlib.Path], reader: Reader,
                  fields: Sequence[str]) -> Iterator[Record]:
     """Records of `files` in order, applying the malformed-record policy and counting."""
-    policy = settings.malformed_policy()
+    settings.malformed_policy()  # a bad policy setting fails before any file is read
     counts = _STATS[(task, split)]
     produced = 0
     for path in files:
@@ -80,15 +80,7 @@ def read_records(task: str, split: str, files: Sequence[pathlib.Path], reader: R
                 if missing:
                     record = Malformed(f"missing field(s) {missing}")
             if isinstance(record, Malformed):
-                where = f"{path}:{line}"
-                if policy == "fail":
-                    raise DataError(f"task {task!r}: malformed record at {where}: {record.reason}")
-                with _STATS_LOCK:
-                    counts.skipped += 1
-                    counts.skipped_by_file[str(path)] += 1
-                if warned < _WARN_PER_FILE:
-                    log.warning("task %r: skipping malformed record at %s: %s", task, where, record.reason)
-                    warned += 1
+                warned = note_malformed(task, split, path, line, record.reason, warned)
                 continue
             produced += 1
             with _STATS_LOCK:
@@ -98,6 +90,22 @@ def read_records(task: str, split: str, files: Sequence[pathlib.Path], reader: R
         names = ", ".join(str(p) for p in files)
         raise DataError(f"task {task!r} split {split!r}: no usable record in {names} "
                         f"({counts.skipped} malformed skipped)")
+
+
+def note_malformed(task: str, split: str, path: pathlib.Path, line: int, reason: str, warned: int) -> int:
+    """Apply the malformed-record policy to one bad record: raise naming file and line
+    ('fail'), or count it and warn for the first few of a file ('skip'); returns `warned`."""
+    where = f"{path}:{line}"
+    if settings.malformed_policy() == "fail":
+        raise DataError(f"task {task!r}: malformed record at {where}: {reason}")
+    counts = _STATS[(task, split)]
+    with _STATS_LOCK:
+        counts.skipped += 1
+        counts.skipped_by_file[str(path)] += 1
+    if warned < _WARN_PER_FILE:
+        log.warning("task %r: skipping malformed record at %s: %s", task, where, reason)
+        warned += 1
+    return warned
 
 
 def resolve_files(task: str, directory: pathlib.Path, patterns: Sequence[str]) -> list[pathlib.Path]:

@@ -72,13 +72,15 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path):
         time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
+    _, before = _metrics(killed)
     resumed_out = _finish(_start(killed, _env(tmp_path)))
     _finish(uninterrupted)
 
     assert "resumed from checkpoint step 8" in resumed_out
     a, _ = _metrics(straight)
     b, seen = _metrics(killed)
-    assert seen[("train", 12)] == 2 and seen[("train", 13)] == 2  # really killed after step 13
+    assert ("train", 13) in before and ("train", 14) not in before  # really killed after step 13
+    assert set(seen.values()) == {1}  # the replayed steps 9-13 replaced their rows, not duplicated them
     assert sorted(a) == sorted(b) and ("validation", 24) in a
     for key in a:
         assert a[key] == b[key], key  # exact float equality: bit-identical metrics
@@ -99,7 +101,8 @@ def _main(args, capsys):
 def test_missing_required_macros_are_named(capsys):
     code, err = _main(["--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin"], capsys)
     assert code == 2
-    assert "required gin macro(s) not set: MIXTURE_OR_TASK_NAME, MODEL_DIR, TASK_FEATURE_LENGTHS, TRAIN_STEPS" in err
+    # (TASK_FEATURE_LENGTHS has a default in runs/pretrain.gin: 512/114, see the comment there.)
+    assert "required gin macro(s) not set: MIXTURE_OR_TASK_NAME, MODEL_DIR, TRAIN_STEPS" in err
     assert "--gin.MODEL_DIR=" in err and "Traceback" not in err
 
 
@@ -150,3 +153,53 @@ def test_cpm2_train_cli_reports_bad_input_in_one_line(capsys):
     assert cli.main(["train", "--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cpm2 train: error: ") and "MODEL_DIR" in err and "Traceback" not in err
+
+
+def _byte_run(model_dir, *extra):
+    return ["--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin", "--gin_file=tests/gin/byte_pairs.gin",
+            "--gin.TRAIN_STEPS=1", "--gin.BATCH_SIZE=8", f"--gin.MODEL_DIR='{model_dir}'", "--no_progress", *extra]
+
+
+def test_model_dir_that_is_a_file_or_read_only_is_one_line(capsys, tmp_path):
+    blocker = tmp_path / "model_dir"
+    blocker.write_text("mine")
+    for model_dir, expected in ((blocker, "is a file"), (blocker / "run", "is a file"),
+                                (pathlib.Path("/sys/cpm2_test_run"), "is not writable")):
+        code, err = _main(_byte_run(model_dir), capsys)
+        assert code == 2 and f"MODEL_DIR '{model_dir}'" in err and expected in err, err
+        assert len(err.strip().splitlines()) == 1 and "--gin.MODEL_DIR" in err
+    assert blocker.read_text() == "mine" and not pathlib.Path("/sys/cpm2_test_run").exists()
+
+
+def test_rejected_run_keeps_config_gin_and_leaves_no_new_directory(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.gin").write_text("the config of the run that is there")
+    fresh = tmp_path / "new" / "nested" / "run"
+    for model_dir in (run, fresh):  # 8 fake devices: a global batch of 3 cannot be split
+        code, err = _main(_byte_run(model_dir, "--gin.BATCH_SIZE=3"), capsys)
+        assert code == 2 and "global batch size 3" in err, err
+    assert (run / "config.gin").read_text() == "the config of the run that is there"
+    assert sorted(p.name for p in run.iterdir()) == ["config.gin"]
+    assert not (tmp_path / "new").exists()
+
+
+def test_vocabulary_larger_than_the_model_is_named_before_step_1(capsys, tmp_path):
+    # byte ids reach 255 + 3: a 200-id model cannot embed them (today: NaN or garbage at step 1).
+    code, err = _main(_byte_run(tmp_path / "run", "--gin.cpm2_jax.model_config.vocab_size=200"), capsys)
+    assert code == 2, err
+    assert "step 1: batch feature" in err and "outside the model's vocab_size 200" in err
+    assert "--gin.cpm2_jax.model_config.vocab_size" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_task_vocabulary_is_compared_with_the_model_vocab_size(shared_data):
+    from cpm2_jax.config import get_config
+    from cpm2_jax.datasets import DatasetConfig
+    from cpm2_jax.errors import ConfigError
+
+    data = DatasetConfig("en_zh", {"inputs": 32, "targets": 32})
+    with pytest.raises(ConfigError, match=r"has 8100 ids but the model's vocab_size is 512.*"
+                                          r"--gin.cpm2_jax.model_config.vocab_size=8192"):
+        train_bin.check_vocabulary(get_config("tiny"), data)
+    train_bin.check_vocabulary(get_config("tiny", vocab_size=8192), data)

@@ -101,8 +101,25 @@ def test_same_seed_same_corruption():
     assert not np.array_equal(a[0], c[0])
 
 
-def test_split_tokens_chunks():
-    ds = tf.data.Dataset.from_tensor_slices({"targets": tf.ragged.constant([list(range(7)), [9]])})
+def test_join_and_split_concatenates_documents_with_eos():
+    ds = tf.data.Dataset.from_tensor_slices({"targets": tf.ragged.constant([list(range(2, 9)), [9]])})
     ds = ds.map(lambda ex: {"targets": ex["targets"]})
-    chunks = [x["targets"].tolist() for x in S.split_tokens(ds, 3).as_numpy_iterator()]
-    assert chunks == [[0, 1, 2], [3, 4, 5], [6], [9]]
+    chunks = [x["targets"].tolist() for x in S.join_and_split(ds, 3, eos_id=1).as_numpy_iterator()]
+    assert chunks == [[2, 3, 4], [5, 6, 7], [8, 1, 9], [1]]
+
+
+def test_feature_lengths_match_t5_random_spans_helper():
+    """t5's `random_spans_helper` (inputs 512, 0.15, 3, one sentinel per span each side) gives
+    tokens_length 568 and targets_length 114; this is its loop, written out."""
+
+    def t5_lengths(tokens_length):
+        noise = int(round(tokens_length * 0.15))
+        spans = int(round(noise / 3.0))
+        return tokens_length - noise + spans + 1, noise + spans + 1
+
+    tokens_length = 512
+    while t5_lengths(tokens_length + 1)[0] <= 512:
+        tokens_length += 1
+    assert (tokens_length, t5_lengths(tokens_length)[1]) == (568, 114)
+    assert S.feature_lengths_for(512) == {"inputs": 512, "targets": 114}
+    assert S.feature_lengths_for(1024)["targets"] == S.chunk_length_for(1024)[1]
