@@ -6,9 +6,10 @@ Figures from CPM2_FACTS.md ("Dense model"): 24+24 layers, d_model 4096, d_ff 102
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 from cpm2_jax.errors import ConfigError, closest
+from cpm2_jax.prompts.config import as_prompt_config  # registers PromptConfig with gin
 
 
 # Feed-forward activations and the weight names of their blocks (dense and per expert).
@@ -72,8 +73,12 @@ class ModelConfig:
     # BASE: refill the routing groups with tokens from all groups before balanced assignment,
     # in training (moe.shuffle; needs >1 group and a dropout rng, which the trainer passes).
     moe_shuffle_tokens: bool = True
+    # Prompt tuning (cpm2_jax.prompts.PromptConfig, or its fields): a prompt table inserted into
+    # the encoder input; None = no prompt.
+    prompt: Optional[Any] = None
 
     def __post_init__(self):
+        object.__setattr__(self, "prompt", as_prompt_config(self.prompt))
         for field in ("vocab_size", "d_model", "d_ff", "num_heads", "head_dim",
                       "num_encoder_layers", "num_decoder_layers", "relative_attention_num_buckets"):
             if getattr(self, field) <= 0:

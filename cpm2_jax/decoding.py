@@ -118,9 +118,10 @@ def _model(config: ModelConfig) -> EncoderDecoder:
     return EncoderDecoder(config)
 
 
-def _encode(config: ModelConfig, params, encoder_input_tokens):
+def _encode(config: ModelConfig, params, encoder_input_tokens, task_index=None):
+    """Encoder states; `task_index` [B] picks each row's prompt (models with a prompt table)."""
     model = _model(config)
-    return model.apply({"params": params}, encoder_input_tokens, method=model.encode)
+    return model.apply({"params": params}, encoder_input_tokens, task_index=task_index, method=model.encode)
 
 
 def init_cache(config: ModelConfig, params, encoded, encoder_input_tokens, length: int):
@@ -208,9 +209,9 @@ def _sample_loop(step: StepFn, cache, batch: int, *, max_new_tokens: int, min_ne
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "min_new_tokens", "eos_id",
                                              "temperature", "top_k", "top_p"))
-def _sample_jit(params, encoder_input_tokens, rng, *, config: ModelConfig, max_new_tokens: int,
+def _sample_jit(params, encoder_input_tokens, rng, task_index=None, *, config: ModelConfig, max_new_tokens: int,
                 min_new_tokens: int, eos_id: int, temperature: float, top_k: int, top_p: float) -> DecodeOutput:
-    encoded = _encode(config, params, encoder_input_tokens)
+    encoded = _encode(config, params, encoder_input_tokens, task_index)
     cache = init_cache(config, params, encoded, encoder_input_tokens, max_new_tokens)
     step = make_step(config, params, encoded, encoder_input_tokens)
 
@@ -230,22 +231,23 @@ def _sample_jit(params, encoder_input_tokens, rng, *, config: ModelConfig, max_n
 
 
 def greedy(params, encoder_input_tokens, *, config: ModelConfig, max_new_tokens: int, min_new_tokens: int = 0,
-           eos_id: int = EOS_ID) -> DecodeOutput:
-    """Greedy decoding (argmax each step) of a [batch, length] 0-padded encoder batch."""
+           eos_id: int = EOS_ID, task_index=None) -> DecodeOutput:
+    """Greedy decoding (argmax each step) of a [batch, length] 0-padded encoder batch
+    (`task_index` [batch]: each row's prompt, for models with a prompt table)."""
     params, tokens = _prepare(params, encoder_input_tokens)
-    return _sample_jit(params, tokens, jax.random.PRNGKey(0), config=config, max_new_tokens=max_new_tokens,
+    return _sample_jit(params, tokens, jax.random.PRNGKey(0), task_index, config=config, max_new_tokens=max_new_tokens,
                        min_new_tokens=min_new_tokens, eos_id=eos_id, temperature=0.0, top_k=0, top_p=1.0)
 
 
 def sample(params, encoder_input_tokens, rng: jax.Array, *, config: ModelConfig, max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0,
-           eos_id: int = EOS_ID) -> DecodeOutput:
+           eos_id: int = EOS_ID, task_index=None) -> DecodeOutput:
     """Ancestral sampling from softmax(logits / temperature), optionally top-k and/or nucleus
     (top-p) filtered; the same `rng` gives the same tokens. temperature 0 is greedy."""
     if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     params, tokens = _prepare(params, encoder_input_tokens)
-    return _sample_jit(params, tokens, rng, config=config, max_new_tokens=max_new_tokens,
+    return _sample_jit(params, tokens, rng, task_index, config=config, max_new_tokens=max_new_tokens,
                        min_new_tokens=min_new_tokens, eos_id=eos_id, temperature=float(temperature),
                        top_k=int(top_k), top_p=float(top_p))
 
@@ -335,11 +337,11 @@ def _beam_loop(step: StepFn, cache, batch: int, *, num_beams: int, max_new_token
 
 @functools.partial(jax.jit, static_argnames=("config", "num_beams", "max_new_tokens", "min_new_tokens", "eos_id",
                                              "length_penalty_kind", "early_stopping"))
-def _beam_jit(params, encoder_input_tokens, *, config: ModelConfig, num_beams: int, max_new_tokens: int,
+def _beam_jit(params, encoder_input_tokens, task_index=None, *, config: ModelConfig, num_beams: int, max_new_tokens: int,
               min_new_tokens: int, eos_id: int, alpha: jax.Array, length_penalty_kind: str,
               early_stopping: Union[bool, str]) -> DecodeOutput:
     batch = encoder_input_tokens.shape[0]
-    encoded = _encode(config, params, encoder_input_tokens)  # once per input, not per beam
+    encoded = _encode(config, params, encoder_input_tokens, task_index)  # once per input, not per beam
     encoded = jnp.repeat(encoded, num_beams, axis=0)
     beam_tokens = jnp.repeat(encoder_input_tokens, num_beams, axis=0)
     cache = init_cache(config, params, encoded, beam_tokens, max_new_tokens)
@@ -353,7 +355,7 @@ def _beam_jit(params, encoder_input_tokens, *, config: ModelConfig, num_beams: i
 def beam_search(params, encoder_input_tokens, *, config: ModelConfig, num_beams: int, max_new_tokens: int,
                 length_penalty: float = 1.0, length_penalty_kind: str = "hf",
                 early_stopping: Union[bool, str] = False, min_new_tokens: int = 0,
-                eos_id: int = EOS_ID) -> DecodeOutput:
+                eos_id: int = EOS_ID, task_index=None) -> DecodeOutput:
     """Beam search; tokens [batch, num_beams, max_new_tokens] best first, scores the
     length-penalised log-probabilities (defaults are transformers' `generate` defaults)."""
     if num_beams < 1:
@@ -363,7 +365,7 @@ def beam_search(params, encoder_input_tokens, *, config: ModelConfig, num_beams:
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     params, tokens = _prepare(params, encoder_input_tokens)
-    return _beam_jit(params, tokens, config=config, num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
+    return _beam_jit(params, tokens, task_index, config=config, num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
                      min_new_tokens=int(min_new_tokens), eos_id=int(eos_id), alpha=jnp.float32(length_penalty),
                      length_penalty_kind=length_penalty_kind, early_stopping=early_stopping)
 
@@ -373,21 +375,23 @@ def beam_search(params, encoder_input_tokens, *, config: ModelConfig, num_beams:
 # ---------------------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _score_jit(params, encoder_input_tokens, targets, *, config: ModelConfig):
+def _score_jit(params, encoder_input_tokens, targets, task_index=None, *, config: ModelConfig):
     model = _model(config)
     decoder_inputs = jnp.concatenate(
         [jnp.full(targets.shape[:1] + (1,), DECODER_START_ID, jnp.int32), targets[:, :-1]], axis=1)
-    logits = model.apply({"params": params}, encoder_input_tokens, decoder_inputs).astype(jnp.float32)
+    logits = model.apply({"params": params}, encoder_input_tokens, decoder_inputs,
+                         task_index=task_index).astype(jnp.float32)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[:, :, None], axis=-1)[:, :, 0]
     logp = jnp.where(targets != PAD_ID, logp, 0.0)
     return logp, jnp.sum(logp, axis=-1)
 
 
-def score(params, encoder_input_tokens, targets, *, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+def score(params, encoder_input_tokens, targets, *, config: ModelConfig, task_index=None
+          ) -> tuple[jax.Array, jax.Array]:
     """Teacher-forced log-likelihood of 0-padded `targets` [batch, T] (EOS included if wanted):
     (per-token log-probs [batch, T], 0 at padding; their sum per row [batch])."""
     params, tokens = _prepare(params, encoder_input_tokens)
-    return _score_jit(params, tokens, jnp.asarray(targets, jnp.int32), config=config)
+    return _score_jit(params, tokens, jnp.asarray(targets, jnp.int32), task_index, config=config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,20 +404,21 @@ METHODS = ("greedy", "beam", "sample")
 def decode(params, encoder_input_tokens, *, config: ModelConfig, method: str = "greedy", max_new_tokens: int,
            min_new_tokens: int = 0, num_beams: int = 4, length_penalty: float = 1.0,
            length_penalty_kind: str = "hf", early_stopping: Union[bool, str] = False, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, rng: Optional[jax.Array] = None) -> DecodeOutput:
+           top_k: int = 0, top_p: float = 1.0, rng: Optional[jax.Array] = None, task_index=None) -> DecodeOutput:
     """`greedy`, `beam` or `sample` by name; beam search returns only its best beam here, so
     every method gives tokens [batch, max_new_tokens] and scores [batch]."""
     if method == "greedy":
         return greedy(params, encoder_input_tokens, config=config, max_new_tokens=max_new_tokens,
-                      min_new_tokens=min_new_tokens)
+                      min_new_tokens=min_new_tokens, task_index=task_index)
     if method == "sample":
         rng = jax.random.PRNGKey(0) if rng is None else rng
         return sample(params, encoder_input_tokens, rng, config=config, max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens)
+                      temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
+                      task_index=task_index)
     if method == "beam":
         out = beam_search(params, encoder_input_tokens, config=config, num_beams=num_beams,
                           max_new_tokens=max_new_tokens, length_penalty=length_penalty,
                           length_penalty_kind=length_penalty_kind, early_stopping=early_stopping,
-                          min_new_tokens=min_new_tokens)
+                          min_new_tokens=min_new_tokens, task_index=task_index)
         return DecodeOutput(tokens=out.tokens[:, 0], scores=out.scores[:, 0], lengths=out.lengths[:, 0])
     raise ValueError(f"unknown decoding method {method!r}; known: {', '.join(METHODS)}")

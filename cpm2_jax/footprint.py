@@ -39,8 +39,8 @@ def _path(path) -> str:
 def _group(path: str) -> str:
     """Breakdown bucket of a parameter: embedding, output, and per-stack attention/mlp/norm/relpos."""
     parts = path.split("/")
-    if parts[0] == "token_embedder":
-        return "token_embedder"
+    if parts[0] in ("token_embedder", "prompt"):
+        return parts[0]
     if "logits_dense" in parts:
         return "logits_dense"
     stack = parts[0]
@@ -107,6 +107,11 @@ def footprint(config: ModelConfig, mesh_shape: Optional[Mapping[str, int]] = Non
         state = jax.eval_shape(tx.init, shapes)
         state_specs = optimizer_state_specs(state, shapes, specs)
         report["per_device_bytes"]["optimizer_state"] = per_device_bytes(state, state_specs, mesh_shape)
+    if config.prompt is not None:
+        # Prompt tuning trains the prompt table alone (CPM2_FACTS: 100 x 4096 = 409.6K for 11B).
+        prompt = breakdown.get("prompt", 0)
+        report["trainable"] = {"parameters": int(prompt), "pattern": "prompt",
+                               "percent_of_backbone": round(100.0 * prompt / (total - prompt), 6)}
     report["per_device_bytes"]["total"] = sum(report["per_device_bytes"].values())
     report["per_device_gib"] = {k: round(v / 2**30, 3) for k, v in report["per_device_bytes"].items()}
     return report

@@ -113,16 +113,32 @@ def check_params(params, config: ModelConfig, source: str) -> None:
 
 # ------------------------------------------------------------------------------ inputs
 
+def decode_utf8_lines(data: bytes, name: str) -> list[str]:
+    """The lines of UTF-8 `data`; undecodable bytes are a DataError naming the input, the
+    line and the byte offset (in the input and in the line)."""
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1)
+        raise DataError(f"{name} line {line}: invalid UTF-8 byte 0x{data[err.start]:02x} at byte offset {err.start} "
+                        f"(byte {column} of the line); the input must be UTF-8 text") from None
+
+
 def _read_lines(path: str) -> tuple[str, list[str]]:
     if path == "-":
-        return "<stdin>", sys.stdin.read().splitlines()
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is None:  # a text stream without bytes underneath (already decoded)
+            return "<stdin>", sys.stdin.read().splitlines()
+        return "<stdin>", decode_utf8_lines(stream.read(), "<stdin>")
     p = pathlib.Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"input file {str(p)!r} does not exist (--gin.INPUT_FILE)")
     try:
-        return str(p), p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise DataError(f"{str(p)}: not UTF-8 text: {err}") from None
+        data = p.read_bytes()
+    except OSError as err:
+        raise DataError(f"input file {str(p)!r} cannot be read: {err.strerror or err} (--gin.INPUT_FILE)") from None
+    return str(p), decode_utf8_lines(data, str(p))
 
 
 def _as_ids(value: Any, where: str, field: str, vocabulary, vocab_size: int) -> list[int]:
@@ -206,8 +222,12 @@ class _AtomicWriter:
         if target.exists() and not overwrite:
             raise DataError(f"output file {str(target)!r} exists; pass --overwrite (or --gin.infer.overwrite=True) "
                             "to replace it")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        except OSError as err:  # a file in the way, a read-only folder
+            raise DataError(f"output file {str(target)!r} cannot be written: {err.strerror or err} "
+                            f"(--gin.OUTPUT_FILE)") from None
         self._target, self._tmp = target, pathlib.Path(tmp)
         self._file = os.fdopen(fd, "w", encoding="utf-8")
 

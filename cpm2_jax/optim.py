@@ -118,21 +118,37 @@ def path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
+def _subtrees(name: str) -> list[str]:
+    """'a/b/c' -> ['a', 'a/b', 'a/b/c']: the path and every subtree holding it."""
+    parts = name.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
 def trainable_mask(params, patterns: Optional[Sequence[str]]) -> Any:
-    """A bool tree: True where the parameter's path matches one of the regexes (all True when
-    `patterns` is None). A pattern that matches nothing is an error naming it."""
+    """A bool tree: True where a regex matches the parameter's WHOLE path ('prompt/table') or a
+    whole subtree path holding it ('prompt', 'encoder/layers_0'), never part of a name:
+    'prompt' does not select 'prompt_table_extra/...'. All True when `patterns` is None. A
+    pattern that matches nothing, or does not compile, is an error naming it."""
     if patterns is None:
         return jax.tree_util.tree_map(lambda _: True, params)
-    compiled = [re.compile(p) for p in patterns]
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = []
+    for p in patterns:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as err:
+            raise ConfigError(f"trainable pattern {p!r} is not a regular expression: {err}") from None
     used = set()
 
     def decide(path, _):
-        name = path_name(path)
+        names = _subtrees(path_name(path))
+        hit = False
         for i, pattern in enumerate(compiled):
-            if pattern.fullmatch(name) or pattern.search(name):
+            if any(pattern.fullmatch(n) for n in names):
                 used.add(i)
-                return True
-        return False
+                hit = True
+        return hit
 
     mask = jax.tree_util.tree_map_with_path(decide, params)
     unused = [patterns[i] for i in range(len(patterns)) if i not in used]

@@ -1,6 +1,7 @@
 """`cpm2 infer` end to end on a tiny model: converted and training checkpoints, ids and text
 inputs, greedy/beam/score, the never-overwrite rule, and one-line errors for bad input."""
 import json
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -120,6 +121,16 @@ def test_bad_input_is_one_line_exit_2(converted_dir, tmp_path, capsys, content, 
     assert not out.exists() and not list(tmp_path.glob(".never.jsonl.tmp*"))
 
 
+def test_unwritable_output_path_is_one_line_exit_2(converted_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    for out in (blocker / "out.jsonl", pathlib.Path("/sys/cpm2_test_out.jsonl")):
+        code, err = run_infer(capsys, f"--gin.CHECKPOINT_PATH='{converted_dir}'", f"--gin.OUTPUT_FILE='{out}'")
+        assert code == 2 and f"output file '{out}' cannot be written" in err and "--gin.OUTPUT_FILE" in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert blocker.read_text() == "mine"
+
+
 def test_bad_flags_are_one_line_exit_2(converted_dir, tmp_path, capsys):
     code, err = run_infer(capsys, "--gin.INPUT_FILE='x'")
     assert code == 2 and "CHECKPOINT_PATH" in err
@@ -183,3 +194,20 @@ def test_on_a_mesh_equals_one_device(converted_dir, params, tmp_path, capsys):
                           f"--gin.OUTPUT_FILE='{tmp_path / 'bad.jsonl'}'", "--gin.infer.batch_size=3", mesh)
     assert code == 2 and "batch_size 3" in err and "--gin.infer.batch_size" in err
     assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_invalid_utf8_names_the_input_line_and_byte_offset(converted_dir, tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+
+    data = '{"inputs": [5, 6, 1]}\n'.encode() + b'{"inputs": "caf\xc3\xa9 \xff"}\n'  # 0xff: byte 40 (22 + 18)
+    inputs = tmp_path / "latin.jsonl"
+    inputs.write_bytes(data)
+    out = tmp_path / "never.jsonl"
+    for source, name in ((str(inputs), str(inputs)), ("-", "<stdin>")):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+        code, err = run_infer(capsys, f"--gin.CHECKPOINT_PATH='{converted_dir}'", f"--gin.INPUT_FILE='{source}'",
+                              f"--gin.OUTPUT_FILE='{out}'")
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{name} line 2: invalid UTF-8 byte 0xff at byte offset 40 (byte 18 of the line)" in err
+    assert not out.exists()

@@ -16,6 +16,8 @@ def register(subparsers) -> None:
     p.add_argument("--size", help="a named size (tiny, small, base, cpm2_11b, ...) instead of a gin file")
     p.add_argument("--mesh", default="data=1", help="mesh shape, e.g. data=8,model=8 (axes: data, model, expert)")
     p.add_argument("--optimizer", default="adamw", help="adamw, adafactor, sgd or none")
+    p.add_argument("--prompt_length", type=int, default=0,
+                   help="add an encoder prompt of this many vectors (prompt tuning): reports its trainable count")
     p.set_defaults(func=run)
 
 
@@ -38,5 +40,9 @@ def run(args) -> int:
         gin.clear_config()
     else:
         raise ConfigError("no model given: pass --gin_file=gin/models/NAME.gin or --size NAME")
+    if args.prompt_length:
+        from cpm2_jax.prompts import PromptConfig
+
+        config = config.replace(prompt=PromptConfig(length=args.prompt_length))
     print(json.dumps(footprint(config, mesh_shape, args.optimizer), indent=None))
     return 0

@@ -6,8 +6,10 @@ final RMSNorm. One token embedding is shared by both stacks; the output projecti
 `tie_word_embeddings`, the embedding itself after that rescale, as T5 v1.0 / Switch).
 
 Extension points kept for the techniques built on this model:
-- prompt tuning: `EncoderDecoder.encode` takes `input_embeddings`/`input_valid`, so a prompt
-  module can insert vectors after the embedding;
+- prompt tuning (`cpm2_jax.prompts`): with `ModelConfig.prompt` set, `encode` inserts each
+  row's prompt (table row `task_index`) after the embedding, `decode` derives the longer
+  encoder mask, and the Encoder takes an extra attention mask (the paper's mask variants);
+  `encode` also takes `input_embeddings`/`input_valid` directly;
 - knowledge inheritance: `__call__` is a pure function of (params, batch), callable for a
   teacher inside the student's train step;
 - MoE / InfMoE: the feed-forward block is chosen in `_feed_forward` (dense `MlpBlock` or
@@ -135,7 +137,9 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, segment_ids: Optional[jax.Array] = None, *, enable_dropout: bool = False,
-                 input_embeddings: Optional[jax.Array] = None, input_valid: Optional[jax.Array] = None):
+                 input_embeddings: Optional[jax.Array] = None, input_valid: Optional[jax.Array] = None,
+                 attention_mask_extra: Optional[jax.Array] = None):
+        """`attention_mask_extra`: a boolean [B, 1|heads, L, L] AND-ed with the padding/segment mask."""
         c = self.config
         deterministic = not enable_dropout
         x = self.shared_embedding(tokens) if input_embeddings is None else input_embeddings
@@ -145,7 +149,10 @@ class Encoder(nn.Module):
         bias = RelativePositionBias(num_heads=c.num_heads, num_buckets=c.relative_attention_num_buckets,
                                     max_distance=c.relative_attention_max_distance, bidirectional=True,
                                     init_std=c.init_std, param_dtype=c.param_dtype, name="relpos_bias")(length, length)
-        bias = bias + mask_to_bias(attention_mask(valid, valid, q_segment=segment_ids, k_segment=segment_ids))
+        mask = attention_mask(valid, valid, q_segment=segment_ids, k_segment=segment_ids)
+        if attention_mask_extra is not None:
+            mask = jnp.logical_and(mask, attention_mask_extra)
+        bias = bias + mask_to_bias(mask)
         x = _stack_layers(self, EncoderLayer, c.num_encoder_layers, x, bias, deterministic=deterministic)
         x = RMSNorm(epsilon=c.layer_norm_epsilon, dtype=c.dtype, param_dtype=c.param_dtype, name="encoder_norm")(x)
         return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
@@ -214,27 +221,49 @@ class EncoderDecoder(nn.Module):
                                     dtype=c.dtype, param_dtype=c.param_dtype)
         self.encoder = Encoder(config=c, shared_embedding=self.token_embedder)
         self.decoder = Decoder(config=c, shared_embedding=self.token_embedder)
+        if c.prompt is not None:
+            from cpm2_jax.prompts.module import PromptTable  # the prompts package builds on this module
+
+            self.prompt = PromptTable(config=c)
 
     def encode(self, encoder_input_tokens, encoder_segment_ids=None, *, enable_dropout: bool = False,
-               input_embeddings=None, input_valid=None):
+               input_embeddings=None, input_valid=None, task_index=None):
+        """Encoder states [B, L, D]; with a prompt [B, L + N (+ MoE padding), D], each row's
+        prompt (`task_index`, task 0 when None) placed as its task's placement says."""
+        if self.config.prompt is not None and input_embeddings is None:
+            from cpm2_jax.prompts import module as prompt_module
+
+            prompt_module.refuse_packing(encoder_segment_ids)
+            task_index = prompt_module.default_task_index(encoder_input_tokens, task_index)
+            x, valid, extra = prompt_module.prompted_inputs(
+                self.config, self.token_embedder(encoder_input_tokens), encoder_input_tokens,
+                self.prompt(task_index), task_index)
+            return self.encoder(encoder_input_tokens, None, enable_dropout=enable_dropout, input_embeddings=x,
+                                input_valid=valid, attention_mask_extra=extra)
         return self.encoder(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout,
                             input_embeddings=input_embeddings, input_valid=input_valid)
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids=None,
                decoder_segment_ids=None, *, enable_dropout: bool = False, decode: bool = False,
                encoder_valid=None):
+        if encoder_valid is None and self.config.prompt is not None:
+            from cpm2_jax.prompts.placement import valid_after_insert
+
+            encoder_valid = valid_after_insert(encoder_input_tokens, encoded.shape[1], self.config.prompt.length)
         valid = (encoder_input_tokens > 0) if encoder_valid is None else encoder_valid
         return self.decoder(encoded, valid, decoder_input_tokens, encoder_segment_ids, decoder_segment_ids,
                             enable_dropout=enable_dropout, decode=decode)
 
     def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                  encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
-                 decoder_positions=None, *, enable_dropout: bool = False, decode: bool = False):
+                 decoder_positions=None, task_index=None, *, enable_dropout: bool = False, decode: bool = False):
         # decoder_target_tokens and *_positions are accepted for t5x compatibility: masking
         # comes from the encoder padding, the causal mask and the packed segment ids, and
         # relative positions are offsets within the (packed) row, as in t5x's T5.
         del decoder_target_tokens, encoder_positions, decoder_positions
-        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout)
+        # `task_index` [B]: each row's prompt (models with a prompt table; ignored otherwise).
+        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout,
+                              task_index=task_index)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
                            decoder_segment_ids, enable_dropout=enable_dropout, decode=decode)
 
