@@ -1,7 +1,7 @@
 """The Pallas GPU (Triton) lowering of gmm and tgmm, for Hopper and older GPUs.
 
 Triton programs write straight to global memory, so nothing is revisited: gmm's program
-(step, n tile) multiplies its visit's row tile by its group's matrix (a static loop over k
+(step, n tile; in Triton's grouped order) multiplies its visit's row tile by its group's matrix (a static loop over k
 blocks) and stores the group's rows with a masked store; the first visit of a tile also stores
 zeros on the tile's rows outside every local group. tgmm's program (group, k tile, n tile)
 walks its group's row tiles (a loop with a data-dependent trip count: zero for an empty
@@ -21,18 +21,29 @@ from cpm2_jax.kernels.metadata import TileVisits
 _F32 = jnp.float32
 
 
+def _swizzle(pid, steps: int, n_tiles: int, group_m: int):
+    """(step, n tile) of program `pid` in Triton's grouped order: `group_m` consecutive steps
+    sweep all n tiles together, so a wave of programs reuses their lhs tiles and one group's
+    rhs columns from L2 instead of streaming either from memory once per tile of the other."""
+    per_group = group_m * n_tiles
+    first = (pid // per_group) * group_m
+    rows = jnp.minimum(steps - first, group_m)
+    within = pid % per_group
+    return first + within % rows, within // rows
+
+
 def gmm(lhs, rhs, visits: TileVisits, *, tm: int, tk: int, tn: int, transpose_rhs: bool, out_dtype,
-        interpret: bool, num_warps: int = 4, num_stages: int = 3):
+        interpret: bool, num_warps: int = 4, num_stages: int = 3, group_m: int = 8):
     """lhs [M, K] x rhs [G, K, N] (or [G, N, K] when `transpose_rhs`) -> [M, N]; M, K, N whole blocks."""
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     num_groups = rhs.shape[0]
-    k_tiles, steps = k // tk, visits.group.shape[0]
+    k_tiles, steps, n_tiles = k // tk, visits.group.shape[0], n // tn
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
     def kernel(offsets, group, tile, active, first, last, lhs_ref, rhs_ref, out_ref):
         del last
-        step, j = pl.program_id(0), pl.program_id(1)
+        step, j = _swizzle(pl.program_id(0), steps, n_tiles, group_m)
         g, t, is_active = group[step], tile[step], active[step] == 1
         row0 = pl.multiple_of(t * tm, tm)
         col0 = pl.multiple_of(j * tn, tn)
@@ -55,9 +66,8 @@ def gmm(lhs, rhs, visits: TileVisits, *, tm: int, tk: int, tn: int, transpose_rh
         plgpu.store(out_ref.at[pl.ds(row0, tm), pl.ds(col0, tn)],
                     jnp.where(in_group, acc, 0.0).astype(out_ref.dtype), mask=store)
 
-    n_tiles = n // tn
     return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(steps, n_tiles),
+        kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(steps * n_tiles,),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="cpm2_gmm",
         cost_estimate=pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,
@@ -73,7 +83,8 @@ def tgmm(lhs, grad, offsets, *, tm: int, tk: int, tn: int, out_dtype, interpret:
     num_groups = offsets.shape[0] - 1
 
     def kernel(offsets_ref, lhs_ref, grad_ref, out_ref):
-        g, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        # k tiles vary fastest, then n tiles: a wave of programs shares one group's rows in L2.
+        i, j, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         lo, hi = offsets_ref[g], offsets_ref[g + 1]
         k0, n0 = pl.multiple_of(i * tk, tk), pl.multiple_of(j * tn, tn)
         first_tile = lo // tm
@@ -94,7 +105,7 @@ def tgmm(lhs, grad, offsets, *, tm: int, tk: int, tn: int, out_dtype, interpret:
 
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-        grid=(num_groups, k // tk, n // tn),
+        grid=(k // tk, n // tn, num_groups),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="cpm2_tgmm",
         cost_estimate=pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,

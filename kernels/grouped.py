@@ -31,13 +31,15 @@ LOWERINGS = ("tpu", "gpu")
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-    """Tile sizes: rows (tm), contraction (tk) and output columns (tn); GPU also warps/stages."""
+    """Tile sizes: rows (tm), contraction (tk) and output columns (tn); GPU also warps, pipeline
+    stages and the steps swept together over the n tiles (group_m, for L2 reuse)."""
 
     tm: int
     tk: int
     tn: int
     num_warps: int = 4
     num_stages: int = 3
+    group_m: int = 8
 
 
 # Defaults per lowering. Not tuned on a device in this project (no TPU/GPU was available to the
@@ -108,7 +110,8 @@ def gmm_forward(lhs, rhs, group_sizes, group_offset, config: KernelConfig, trans
     if low == "tpu":
         out = tpu.gmm(lhs_p, rhs_p, visits, **kwargs)
     else:
-        out = gpu.gmm(lhs_p, rhs_p, visits, num_warps=b.num_warps, num_stages=b.num_stages, **kwargs)
+        out = gpu.gmm(lhs_p, rhs_p, visits, num_warps=b.num_warps, num_stages=b.num_stages, group_m=b.group_m,
+                      **kwargs)
     return out[:m, :n]
 
 
