@@ -193,9 +193,10 @@ class SentencePieceVocabulary(Cpm2Vocabulary):
     the pieces and restores the placeholders: an exact round trip.
     """
 
-    def __init__(self, model_file: str | os.PathLike, extra_ids: int = 100):
+    def __init__(self, model_file: str | os.PathLike, extra_ids: int = 100, normalize: bool = False):
         self._model_file = str(model_file)
         self._processor = None
+        self.normalize = normalize  # full-width -> half-width first (`half_width`), as the released tokenizer
         super().__init__(extra_ids=extra_ids)
 
     @property
@@ -224,7 +225,8 @@ class SentencePieceVocabulary(Cpm2Vocabulary):
         return self.processor.get_piece_size()
 
     def _encode_text(self, s: str) -> list[int]:
-        return [i for word_ids in self.processor.encode(segment_words(s), out_type=int) for i in word_ids]
+        words = segment_words(half_width(s) if self.normalize else s)
+        return [i for word_ids in self.processor.encode(words, out_type=int) for i in word_ids]
 
     def _pieces_to_text(self, ids: Sequence[int]) -> str:
         if not ids:
@@ -241,10 +243,11 @@ class SentencePieceVocabulary(Cpm2Vocabulary):
             isinstance(other, SentencePieceVocabulary)
             and self._model_file == other._model_file
             and self.extra_ids == other.extra_ids
+            and self.normalize == other.normalize
         )
 
     def __hash__(self) -> int:
-        return hash((self._model_file, self.extra_ids))
+        return hash((self._model_file, self.extra_ids, self.normalize))
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -264,7 +267,8 @@ class SentencePieceVocabulary(Cpm2Vocabulary):
         for piece in added:
             proto.pieces.add(piece=piece, score=floor, type=sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL)
         pathlib.Path(model_file).write_bytes(proto.SerializeToString())
-        extended = SentencePieceVocabulary(model_file, self.extra_ids if extra_ids is None else extra_ids)
+        extended = SentencePieceVocabulary(model_file, self.extra_ids if extra_ids is None else extra_ids,
+                                           normalize=self.normalize)
         return extended, describe_extension(self.pieces(), extended.pieces(), self.extra_ids, extended.extra_ids)
 
 
@@ -487,11 +491,15 @@ def _drop_training_paths(model_file: pathlib.Path) -> None:
     model_file.write_bytes(proto.SerializeToString())
 
 
-def load_vocabulary(path: str | os.PathLike, extra_ids: int = 100) -> Cpm2Vocabulary:
-    """A `.model` file -> SentencePieceVocabulary; a `vocab.txt` -> WordPieceVocabulary."""
+def load_vocabulary(path: str | os.PathLike, extra_ids: int = 100, normalize: bool | None = None) -> Cpm2Vocabulary:
+    """A `.model` file -> SentencePieceVocabulary; a `vocab.txt` -> WordPieceVocabulary.
+
+    `normalize` (the released tokenizer's full-width -> half-width step) defaults to on
+    for a released `vocab.txt` and off for a sentencepiece model trained here.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"vocabulary file not found: {path}")
     if path.suffix == ".model":
-        return SentencePieceVocabulary(path, extra_ids=extra_ids)
-    return WordPieceVocabulary.from_vocab_txt(path)
+        return SentencePieceVocabulary(path, extra_ids=extra_ids, normalize=bool(normalize))
+    return WordPieceVocabulary.from_vocab_txt(path, normalize=True if normalize is None else normalize)

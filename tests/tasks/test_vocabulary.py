@@ -213,3 +213,10 @@ def test_auto_vocabulary_is_deterministic_and_keyed_by_data_and_settings(shared_
     assert settings.auto_vocabulary().name != built[0].name
     monkeypatch.setattr(settings, "AUTO_VOCAB_SETTINGS", dict(settings.AUTO_VOCAB_SETTINGS, character_coverage=0.99))
     assert settings.auto_vocabulary().name != built[0].name
+
+
+def test_sentencepiece_normalisation_is_an_option(tiny_vocab):
+    normalised = V.SentencePieceVocabulary(tiny_vocab.model_file, extra_ids=100, normalize=True)
+    assert not tiny_vocab.normalize and normalised != tiny_vocab
+    assert normalised.encode("ＡＢＣ１２３　ｘ") == tiny_vocab.encode("ABC123 x")
+    assert tiny_vocab.decode(tiny_vocab.encode("ＡＢＣ")) == "ＡＢＣ"  # off: the exact round trip stays
