@@ -165,6 +165,13 @@ def _lengths(tokens: jax.Array, eos_id: int) -> jax.Array:
     return jnp.where(jnp.any(is_eos, axis=-1), first + 1, tokens.shape[-1]).astype(jnp.int32)
 
 
+def strip_after_eos(ids, eos_id: int = EOS_ID) -> list[int]:
+    """One row of generated ids (host) before its first EOS: the output a user sees. The one
+    host-side EOS rule (infer's outputs; `_lengths` is the same rule on device)."""
+    ids = [int(t) for t in ids]
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
 # ---------------------------------------------------------------------------------------------
 # Greedy and sampling: one loop, argmax or a draw
 # ---------------------------------------------------------------------------------------------

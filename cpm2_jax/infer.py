@@ -268,11 +268,6 @@ def _place(params, config: ModelConfig, mesh_shape: Optional[dict], batch_size: 
             lambda array: jax.device_put(array, trainer.batch_sharding))
 
 
-def _strip_after_eos(ids: Sequence[int]) -> list[int]:
-    ids = [int(t) for t in ids]
-    return ids[:ids.index(1)] if 1 in ids else ids
-
-
 # ------------------------------------------------------------------------------ the entry point
 
 def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-", vocabulary_path: Optional[str] = None,
@@ -344,7 +339,7 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
                                       top_p=top_p, rng=jax.random.fold_in(jax.random.PRNGKey(seed), first))
                 tokens, scores, lengths = jax.device_get((out.tokens, out.scores, out.lengths))
             for i, e in enumerate(chunk):
-                ids = _strip_after_eos(tokens[i])
+                ids = decoding.strip_after_eos(tokens[i])
                 generated += int(lengths[i])
                 record = {**e["record"], "input_ids": e["input_ids"], "output_ids": ids, "score": float(scores[i])}
                 if vocabulary is not None:
