@@ -60,6 +60,9 @@ def initial_state(trainer: Trainer, ckpts: ckpt_lib.Checkpoints, checkpoint_cfg:
             assignment_map=checkpoint_cfg.assignment_map, fallback_to_scratch=checkpoint_cfg.fallback_to_scratch)
         loaded = sum(s is not None for s in plan.values())
         log(f"initialised {loaded} of {len(plan)} parameters from {checkpoint_cfg.restore_from}, the rest fresh")
+        from cpm2_jax.prompts.init import after_restore  # a fresh prompt reads the restored embedding
+
+        params = after_restore(params, plan, model_config, log)
         return trainer.state_from_params(params)
     return trainer.init_state()
 

@@ -33,7 +33,8 @@ from cpm2_jax.train_state import TrainState
 
 # Model inputs a batch may carry (t5x feature names); anything else in a batch is ignored.
 MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-                  "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
+                  "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions",
+                  "task_index")  # task_index [B]: each row's prompt (cpm2_jax.prompts)
 REQUIRED_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
 
 
@@ -180,6 +181,11 @@ class Trainer:
             raise ConfigError(f"batch lacks feature(s) {missing}; it has {sorted(local_batch)}")
         rows = next(iter(local_batch.values())).shape[0]
         self.check_batch_size(rows * jax.process_count())
+        if self.model_config.prompt is not None:  # unknown task index, no <sep> for a middle prompt
+            from cpm2_jax.prompts.placement import check_batch
+
+            check_batch(local_batch["encoder_input_tokens"], local_batch.get("task_index"), self.model_config.prompt,
+                        "training batch")
         keep = [k for k in (*MODEL_FEATURES, "decoder_loss_weights") if k in local_batch]
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_batch[k]))
                 for k in keep}
