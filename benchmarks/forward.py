@@ -17,13 +17,9 @@ import sys
 import time
 
 from report import RESULTS_DIR, machine_info, side_by_side, write_report  # noqa: E402  (benchmarks/report.py)
-from timing import start_cpu_frameworks, timed_interleaved  # noqa: E402  (benchmarks/timing.py)
+from timing import start_cpu_frameworks, timed_interleaved, untied_mt5  # noqa: E402  (benchmarks/timing.py)
 
 RESULTS = RESULTS_DIR / "forward.json"
-
-
-
-
 
 
 def bench_config(name: str, args) -> dict:
@@ -31,17 +27,13 @@ def bench_config(name: str, args) -> dict:
     import jax.numpy as jnp
     import numpy as np
     import torch
-    from transformers import MT5Config, MT5ForConditionalGeneration
 
     from cpm2_jax.config import get_config
-    from cpm2_jax.convert import config_to_hf, params_from_hf_state_dict
+    from cpm2_jax.convert import params_from_hf_state_dict
     from cpm2_jax.model.transformer import EncoderDecoder
 
     config = get_config(name)
-    torch.manual_seed(0)
-    hf_model = MT5ForConditionalGeneration(MT5Config(**config_to_hf(config)))
-    hf_model.lm_head.weight = torch.nn.Parameter(torch.randn(config.vocab_size, config.d_model) * 0.05)
-    hf_model.config.tie_word_embeddings = False
+    hf_model = untied_mt5(config)
     hf_model.eval()
     params = jax.device_put(params_from_hf_state_dict(hf_model.state_dict(), config))
 

@@ -82,10 +82,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
 
-    group = args.group_size or args.tokens
+    group_size = args.group_size or args.tokens
     base = ModelConfig(vocab_size=8, d_model=args.d_model, d_ff=args.d_ff, num_heads=1, head_dim=8,
                        num_encoder_layers=1, num_decoder_layers=1, init_std=0.02,
-                       num_experts=args.experts, moe_group_size=group)
+                       num_experts=args.experts, moe_group_size=group_size)
     x = jax.random.normal(jax.random.PRNGKey(0), (args.tokens // 512 or 1, min(args.tokens, 512), args.d_model))
     routed = args.tokens
     default = select_backend("auto", routed_rows=routed, padded_rows=routed)
@@ -96,9 +96,9 @@ def main(argv=None) -> dict:
             module = MoeBlock(config=config.replace(moe_backend=backend), deterministic=False)
             steps[(name, backend)] = fwd_bwd_step(module, x)
     timed = {}
-    groups = [default] + [b for b in args.backends if b != default]  # the dense FFN rounds with the default
-    for i, group in enumerate(groups):
-        members = {k: v for k, v in steps.items() if k[1] == group or (i == 0 and k[0] == "dense")}
+    rounds = [default] + [b for b in args.backends if b != default]  # the dense FFN rounds with the default
+    for i, backend_group in enumerate(rounds):
+        members = {k: v for k, v in steps.items() if k[1] == backend_group or (i == 0 and k[0] == "dense")}
         timed.update(time_steps(members, args.repeats))
     dense = timed[("dense", "")]
     print(f"dense FFN: {dense}", file=sys.stderr)
@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "moe_dispatch",
         "shape": {"tokens": args.tokens, "d_model": args.d_model, "d_ff": args.d_ff, "experts": args.experts,
-                  "group_size": group},
+                  "group_size": group_size},
         "default_backend": default,
         "dense_ffn": dense,
         "routings": routings,

@@ -42,3 +42,19 @@ def start_cpu_frameworks(threads: int) -> int:
 
     torch.set_num_threads(threads)
     return threads
+
+
+def untied_mt5(config, lm_head_std: float = 0.05):
+    """A random transformers MT5ForConditionalGeneration of `config`'s shape with its own output
+    matrix, as this project's model has: transformers 5 ties MT5's head to the embedding
+    whatever the config says, which would drop vocab x d_model parameters from one side."""
+    import torch
+    from transformers import MT5Config, MT5ForConditionalGeneration
+
+    from cpm2_jax.convert import config_to_hf
+
+    torch.manual_seed(0)
+    model = MT5ForConditionalGeneration(MT5Config(**config_to_hf(config, dtype="float32")))
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(config.vocab_size, config.d_model) * lm_head_std)
+    model.config.tie_word_embeddings = False
+    return model
