@@ -15,6 +15,7 @@ from cpm2_jax.prompts.config import as_prompt_config  # registers PromptConfig w
 # Feed-forward activations and the weight names of their blocks (dense and per expert).
 FFN_WEIGHTS = {"gated_gelu": ("wi_0", "wi_1", "wo"), "relu": ("wi", "wo")}
 FFN_ACTIVATIONS = tuple(FFN_WEIGHTS)
+CPU_WEIGHT_GRADS = ("auto", "on", "off")  # ModelConfig.cpu_weight_grads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,12 @@ class ModelConfig:
     # from cpm2_jax.model.transformer.REMAT_POLICIES ("none", "full", "dots", ...).
     scan_layers: bool = False
     remat_policy: str = "none"
+    # Hand-written weight-gradient VJPs of the projections and the gated-GELU FFN
+    # (model/dense.py `weight_grad`): they exist for XLA:CPU, which otherwise copies the large
+    # [tokens, out] gradient into a transposed layout before every weight-gradient matmul.
+    # "auto" = on when JAX's default backend is CPU, plain autodiff on GPU/TPU (so fusion and
+    # the remat policies see every matmul); "on" / "off" force either. Same gradients.
+    cpu_weight_grads: str = "auto"
     # Architecture switches for other T5-family checkpoints (defaults are CPM-2's): the FFN
     # "gated_gelu" (wi_0, wi_1, wo) or "relu" (wi, wo, Switch / T5 v1.0); a tied output head,
     # logits = (x * d_model**-0.5) . embedding^T, instead of the untied `logits_dense`.
@@ -87,6 +94,9 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.param_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"ModelConfig.param_dtype must be float32 or bfloat16, got {self.param_dtype!r}")
+        if self.cpu_weight_grads not in CPU_WEIGHT_GRADS:
+            raise ConfigError(f"ModelConfig.cpu_weight_grads must be one of {', '.join(CPU_WEIGHT_GRADS)}, "
+                              f"got {self.cpu_weight_grads!r}")
         if self.ffn_activation not in FFN_ACTIVATIONS:
             raise ConfigError(f"ModelConfig.ffn_activation must be one of {', '.join(FFN_ACTIVATIONS)}, "
                               f"got {self.ffn_activation!r}")

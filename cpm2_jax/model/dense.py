@@ -41,6 +41,23 @@ def _linear_bwd(res, dy):
 linear.defvjp(_linear_fwd, _linear_bwd)
 
 
+def use_cpu_weight_grads(setting: str) -> bool:
+    """Whether `ModelConfig.cpu_weight_grads` ("auto" | "on" | "off") selects the hand-written
+    weight-gradient VJPs: "auto" = when JAX's default backend is CPU. XLA:CPU needs them (see
+    `weight_grad`); on GPU/TPU plain autodiff lets fusion and remat policies see every matmul."""
+    if setting == "auto":
+        return jax.default_backend() == "cpu"
+    if setting not in ("on", "off"):
+        raise ValueError(f"cpu_weight_grads must be 'auto', 'on' or 'off', got {setting!r}")
+    return setting == "on"
+
+
+def matmul(x: jax.Array, w: jax.Array, cpu_weight_grads: str = "auto") -> jax.Array:
+    """x @ w for x [tokens, in], w [in, out]: `linear` (hand-written kernel gradient) or plain
+    autodiff, as `use_cpu_weight_grads(cpu_weight_grads)` chooses. Same values and gradients."""
+    return linear(x, w) if use_cpu_weight_grads(cpu_weight_grads) else x @ w
+
+
 def normal_init(std: float):
     """normal(0, std): the original CPM-2 code initialises every matrix with std 0.001."""
     return nn.initializers.normal(stddev=std)
@@ -49,7 +66,8 @@ def normal_init(std: float):
 class Projection(nn.Module):
     """y = x . W over the trailing `len(in_shape)` axes of x; no bias (CPM-2 has none).
 
-    `kernel_axes` names every kernel axis (inputs first, then outputs) for partitioning.
+    `kernel_axes` names every kernel axis (inputs first, then outputs) for partitioning;
+    `cpu_weight_grads` picks the kernel-gradient VJP (`matmul`, ModelConfig.cpu_weight_grads).
     """
 
     features: Sequence[int]
@@ -58,6 +76,7 @@ class Projection(nn.Module):
     init_std: float = 0.001
     dtype: str = "float32"
     param_dtype: str = "float32"
+    cpu_weight_grads: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -71,7 +90,8 @@ class Projection(nn.Module):
         dtype = dtype_of(self.dtype)
         in_size, out_size = math.prod(in_shape), math.prod(features)
         lead = x.shape[:x.ndim - self.num_input_axes]
-        y = linear(x.astype(dtype).reshape(-1, in_size), kernel.astype(dtype).reshape(in_size, out_size))
+        y = matmul(x.astype(dtype).reshape(-1, in_size), kernel.astype(dtype).reshape(in_size, out_size),
+                   self.cpu_weight_grads)
         return y.reshape(lead + features)
 
 

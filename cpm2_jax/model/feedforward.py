@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from cpm2_jax.config import FFN_WEIGHTS, dtype_of
-from cpm2_jax.model.dense import Projection, weight_grad
+from cpm2_jax.model.dense import use_cpu_weight_grads, weight_grad
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -24,15 +24,18 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 def gated_gelu(x: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, *,
-               dropout=None, dtype=None) -> jax.Array:
+               dropout=None, dtype=None, cpu_weight_grads: str = "auto") -> jax.Array:
     """h = gelu(x wi_0) * (x wi_1); y = h wo.   x: [..., embed]; wi_*: [embed, mlp]; wo: [mlp, embed].
 
-    `dropout`, if given, is applied to h (as mT5 does between the gate and wo).
+    `dropout`, if given, is applied to h (as mT5 does between the gate and wo). Without dropout,
+    `cpu_weight_grads` (ModelConfig.cpu_weight_grads) selects the hand-written VJP
+    (`gated_gelu_grads`, for XLA:CPU) or plain autodiff; both give the same gradients.
     """
     dtype = dtype or x.dtype
     x = x.astype(dtype)
     wi_0, wi_1, wo = (w.astype(dtype) for w in (wi_0, wi_1, wo))
-    if dropout is None and wi_0.ndim == 2 and wi_1.ndim == 2 and wo.ndim == 2:
+    if (dropout is None and wi_0.ndim == 2 and wi_1.ndim == 2 and wo.ndim == 2
+            and use_cpu_weight_grads(cpu_weight_grads)):
         return _gated_gelu_2d(x, wi_0, wi_1, wo)
     h = gelu(x @ wi_0) * (x @ wi_1)
     if dropout is not None:
@@ -75,8 +78,11 @@ def _gated_gelu_bwd(res, dy):
 _gated_gelu_2d.defvjp(_gated_gelu_fwd, _gated_gelu_bwd)
 
 
-def relu_ffn(x: jax.Array, wi: jax.Array, wo: jax.Array, *, dropout=None, dtype=None) -> jax.Array:
-    """y = relu(x wi) wo (Switch Transformers' DenseActDense); `dropout` on the hidden units."""
+def relu_ffn(x: jax.Array, wi: jax.Array, wo: jax.Array, *, dropout=None, dtype=None,
+             cpu_weight_grads: str = "auto") -> jax.Array:
+    """y = relu(x wi) wo (Switch Transformers' DenseActDense); `dropout` on the hidden units
+    (plain autodiff: `cpu_weight_grads` is accepted for a signature shared with `gated_gelu`)."""
+    del cpu_weight_grads
     dtype = dtype or x.dtype
     x = x.astype(dtype)
     h = jax.nn.relu(x @ wi.astype(dtype))
@@ -86,10 +92,11 @@ def relu_ffn(x: jax.Array, wi: jax.Array, wo: jax.Array, *, dropout=None, dtype=
 
 
 def feed_forward(x: jax.Array, weights: dict, activation: str = "gated_gelu", *, dropout=None,
-                 dtype=None) -> jax.Array:
+                 dtype=None, cpu_weight_grads: str = "auto") -> jax.Array:
     """The FFN named by `activation`, its weights by name (config.FFN_WEIGHTS)."""
     fn = gated_gelu if activation == "gated_gelu" else relu_ffn
-    return fn(x, *(weights[name] for name in FFN_WEIGHTS[activation]), dropout=dropout, dtype=dtype)
+    return fn(x, *(weights[name] for name in FFN_WEIGHTS[activation]), dropout=dropout, dtype=dtype,
+              cpu_weight_grads=cpu_weight_grads)
 
 
 class MlpBlock(nn.Module):
@@ -102,6 +109,7 @@ class MlpBlock(nn.Module):
     dtype: str = "float32"
     param_dtype: str = "float32"
     deterministic: bool = True
+    cpu_weight_grads: str = "auto"  # ModelConfig.cpu_weight_grads
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -119,4 +127,5 @@ class MlpBlock(nn.Module):
                 drop(h, deterministic=False), ("batch", "length", "mlp"))
         elif self.activation != "gated_gelu":
             dropout = lambda h: nn.with_logical_constraint(h, ("batch", "length", "mlp"))  # noqa: E731
-        return feed_forward(x, weights, self.activation, dtype=dtype_of(self.dtype), dropout=dropout)
+        return feed_forward(x, weights, self.activation, dtype=dtype_of(self.dtype), dropout=dropout,
+                            cpu_weight_grads=self.cpu_weight_grads)

@@ -62,7 +62,7 @@ class _Layer(nn.Module):
         return MultiHeadAttention(num_heads=c.num_heads, head_dim=c.head_dim, dropout_rate=c.dropout_rate,
                                   init_std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype,
                                   deterministic=self.deterministic, decode=self.decode,
-                                  is_cross_attention=cross, name=name)
+                                  is_cross_attention=cross, cpu_weight_grads=c.cpu_weight_grads, name=name)
 
     def _dropout(self, x):
         return nn.Dropout(self.config.dropout_rate)(x, deterministic=self.deterministic)
@@ -79,7 +79,8 @@ class _Layer(nn.Module):
         else:
             y = self._norm("pre_mlp_layer_norm")(x)
             y = MlpBlock(d_ff=c.d_ff, activation=c.ffn_activation, dropout_rate=c.dropout_rate, init_std=c.init_std,
-                         dtype=c.dtype, param_dtype=c.param_dtype, deterministic=self.deterministic, name="mlp")(y)
+                         dtype=c.dtype, param_dtype=c.param_dtype, deterministic=self.deterministic,
+                         cpu_weight_grads=c.cpu_weight_grads, name="mlp")(y)
         return x + self._dropout(y)
 
     def _out(self, x):
@@ -203,7 +204,8 @@ class Decoder(nn.Module):
             logits = self.shared_embedding.attend(x * c.d_model ** -0.5)
         else:
             logits = Projection(features=(c.vocab_size,), kernel_axes=("embed", "vocab"), init_std=c.init_std,
-                                dtype=c.dtype, param_dtype=c.param_dtype, name="logits_dense")(x)
+                                dtype=c.dtype, param_dtype=c.param_dtype, cpu_weight_grads=c.cpu_weight_grads,
+                                name="logits_dense")(x)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
     def get_max_decode_length(self) -> int:
