@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cpm2_jax.config import ModelConfig
+from cpm2_jax.config import ModelConfig, dtype_of
 from cpm2_jax.model.transformer import EncoderDecoder, reorder_cache
 
 PAD_ID = 0
@@ -125,10 +125,12 @@ def _encode(config: ModelConfig, params, encoder_input_tokens, task_index=None):
 
 
 def init_cache(config: ModelConfig, params, encoded, encoder_input_tokens, length: int):
-    """An empty decoder cache for `length` positions, shaped without running the decoder.
+    """The decoder cache for `length` positions, shaped without running the decoder: the
+    cross-attention keys/values of `encoded` projected once (`fill_cross_attention_cache`),
+    every other value (self-attention keys/values, index) zero.
 
     The cache-shaping pass of `EncoderDecoder.decode(decode=True)` is evaluated abstractly
-    (`jax.eval_shape`); every initial cache value (keys, values, index, flags) is zero.
+    (`jax.eval_shape`).
     """
     model = _model(config)
     batch = encoded.shape[0]
@@ -139,7 +141,30 @@ def init_cache(config: ModelConfig, params, encoded, encoder_input_tokens, lengt
         return variables["cache"]
 
     shapes = jax.eval_shape(shape_pass, params, encoded, encoder_input_tokens)
-    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return fill_cross_attention_cache(config, params, encoded,
+                                      jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+
+def fill_cross_attention_cache(config: ModelConfig, params, encoded, cache):
+    """`cache` with every cross-attention layer's `cached_key`/`cached_value` set to the
+    encoder states projected by that layer's key/value kernels ([batch, enc_len, heads, dim];
+    scanned layers stacked first), as `MultiHeadAttention` projects them: the steps only read them."""
+    params = nn.meta.unbox(params)["decoder"]
+    dtype = dtype_of(config.dtype)
+    x = encoded.astype(dtype)
+
+    def fill(path, value):
+        names = [getattr(k, "key", None) for k in path]
+        if "encoder_decoder_attention" not in names or names[-1] not in ("cached_key", "cached_value"):
+            return value
+        layer = params
+        for name in names[1:names.index("encoder_decoder_attention") + 1]:
+            layer = layer[name]
+        kernel = layer["key" if names[-1] == "cached_key" else "value"]["kernel"].astype(dtype)
+        spec = "bld,ndhk->nblhk" if kernel.ndim == 4 else "bld,dhk->blhk"
+        return jnp.einsum(spec, x, kernel).astype(value.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, cache)
 
 
 def make_step(config: ModelConfig, params, encoded, encoder_input_tokens) -> StepFn:

@@ -109,13 +109,31 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v)
 
 
+def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *,
+                           dropout=None, dtype=jnp.float32) -> jax.Array:
+    """`dot_product_attention` for one query position (a decoding step), as products and sums
+    over the caches' own [b, k, h, d] layout: as two matmuls, XLA:CPU copies both caches of
+    every layer into a [b, h, d, k] layout at every step. float32 arithmetic.
+
+    q: [b, 1, h, d]; k, v: [b, k, h, d]; bias: broadcastable to [b, h, 1, k].
+    """
+    logits = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1)  # [b, k, h]
+    weights = jax.nn.softmax(jnp.transpose(logits, (0, 2, 1))[:, :, None, :] + bias, axis=-1)
+    if dropout is not None:
+        weights = dropout(weights)
+    weights = jnp.transpose(weights[:, :, 0, :], (0, 2, 1))[..., None]  # [b, k, h, 1]
+    return jnp.sum(weights * v.astype(jnp.float32), axis=1, keepdims=True).astype(dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """Bias-free multi-head attention with optional autoregressive KV cache.
 
     decode=True, self-attention: keys/values of each step are written into `cached_key` /
     `cached_value` [batch, max_len, heads, head_dim] at `cache_index` (passed in by the stack).
-    decode=True, cross-attention: the projected encoder keys/values are computed on the first
-    step and reused afterwards (`cached_key`/`cached_value` over the encoder length).
+    decode=True, cross-attention: the projected encoder keys/values are read from
+    `cached_key`/`cached_value` [batch, encoder_length, heads, head_dim], filled once before
+    the first step (`decoding.init_cache`; the cache-shaping pass computes them too).
+    A decoding step attends with `single_query_attention`.
     """
 
     num_heads: int
@@ -127,13 +145,15 @@ class MultiHeadAttention(nn.Module):
     deterministic: bool = True
     decode: bool = False
     is_cross_attention: bool = False
+    cpu_weight_grads: str = "auto"  # ModelConfig.cpu_weight_grads
 
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array,
                  cache_index: Optional[jax.Array] = None) -> jax.Array:
         d_model = inputs_q.shape[-1]
         proj = dict(features=(self.num_heads, self.head_dim), kernel_axes=("embed", "heads", "kv"),
-                    init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype)
+                    init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
+                    cpu_weight_grads=self.cpu_weight_grads)
         query = Projection(name="query", **proj)(inputs_q)
 
         def project_kv():
@@ -151,10 +171,12 @@ class MultiHeadAttention(nn.Module):
         drop = None
         if self.dropout_rate > 0.0 and not self.deterministic:
             drop = lambda w: nn.Dropout(self.dropout_rate)(w, deterministic=False)  # noqa: E731
-        out = dot_product_attention(query, key, value, bias, dropout=drop, dtype=dtype_of(self.dtype))
+        attend = single_query_attention if self.decode and query.shape[1] == 1 else dot_product_attention
+        out = attend(query, key, value, bias, dropout=drop, dtype=dtype_of(self.dtype))
         out = nn.with_logical_constraint(out, axes)
         return Projection(features=(d_model,), kernel_axes=("heads", "kv", "embed"), num_input_axes=2,
-                          init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
+                          init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
+                          cpu_weight_grads=self.cpu_weight_grads, name="out")(out)
 
     def _update_self_cache(self, key, value, cache_index):
         """Writes this step's key/value at `cache_index`; returns the whole cache."""
@@ -172,23 +194,14 @@ class MultiHeadAttention(nn.Module):
         return cached_key.value, cached_value.value
 
     def _cached_cross_kv(self, project_kv, inputs_kv):
-        """Encoder keys/values: projected on the first decode step, read from the cache after."""
+        """Encoder keys/values: projected by the cache-shaping pass, read from the cache after
+        (filled once per input by `decoding.init_cache`, not recomputed at every step)."""
         shape = inputs_kv.shape[:2] + (self.num_heads, self.head_dim)
         initialised = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, dtype_of(self.dtype))
         cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, dtype_of(self.dtype))
-        filled = self.variable("cache", "filled", lambda: jnp.zeros((), jnp.bool_))
-        if not initialised:
-            return project_kv()
-        # Flax submodules cannot be called inside lax.cond: project with the kernels directly.
-        params = nn.meta.unbox(self.variables["params"])
-        dtype = dtype_of(self.dtype)
-
-        def project():
-            x = inputs_kv.astype(dtype)
-            return tuple(jnp.einsum("bld,dhk->blhk", x, params[n]["kernel"].astype(dtype)) for n in ("key", "value"))
-
-        key, value = jax.lax.cond(filled.value, lambda: (cached_key.value, cached_value.value), project)
-        cached_key.value, cached_value.value = key, value
-        filled.value = jnp.ones((), jnp.bool_)
+        if initialised:
+            return cached_key.value, cached_value.value
+        key, value = project_kv()
+        cached_key.value, cached_value.value = key.astype(cached_key.value.dtype), value.astype(cached_value.value.dtype)
         return key, value
