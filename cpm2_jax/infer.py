@@ -392,7 +392,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from cpm2_jax.tf_import import quiet_tensorflow_import
+    from cpm2_jax.tf_import import default_jax_platforms, quiet_tensorflow_import
 
+    default_jax_platforms()
     quiet_tensorflow_import()
     sys.exit(main())
