@@ -15,7 +15,7 @@ from cpm2_jax.kernels import Blocks, gmm, kernel_config
 
 M, K, N, E = 40, 24, 20, 4
 # Blocks smaller than the problem, none dividing K or N; Triton's must be powers of two.
-BLOCKS = {"tpu": Blocks(8, 16, 16), "gpu": Blocks(16, 16, 16)}
+BLOCKS = {"tpu": Blocks(8, 16, 16), "gpu": Blocks(16, 16, 16, group_m=2)}  # 3 swizzle groups of steps
 SIZES = [
     [7, 0, 19, 7],  # an empty group, boundaries inside tiles, sum < m
     [0, 0, 40, 0],  # one group holds every row
@@ -31,7 +31,7 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 def _kernel_and_reference(lowering, dtype):
     """One jitted program per (lowering, dtype) (interpret mode compiles slowly): for given
     group sizes and a shard's group offset, the kernels' (out, d lhs, d rhs) for all groups and
-    for groups offset..offset+1 only, and ragged_dot's for all groups."""
+    (float32 only, to halve the bf16 programs) for groups offset..offset+1, and ragged_dot's."""
     config = kernel_config(lowering, BLOCKS[lowering], interpret=True)
 
     def with_grads(fn, lhs, rhs, cot):
@@ -41,8 +41,10 @@ def _kernel_and_reference(lowering, dtype):
     @jax.jit
     def run(lhs, rhs, sizes, cot, offset, lhs_ref):
         full = with_grads(lambda a, b: gmm(a, b, sizes, config=config), lhs, rhs, cot)
-        part = with_grads(lambda a, b: gmm(a, b, sizes, group_offset=offset, config=config), lhs,
-                          jax.lax.dynamic_slice_in_dim(rhs, offset, 2), cot)
+        part = None
+        if dtype == jnp.float32:
+            part = with_grads(lambda a, b: gmm(a, b, sizes, group_offset=offset, config=config), lhs,
+                              jax.lax.dynamic_slice_in_dim(rhs, offset, 2), cot)
         ref = with_grads(lambda a, b: jax.lax.ragged_dot(a, b, sizes), lhs_ref, rhs, cot)
         return full, part, ref
 
@@ -78,6 +80,8 @@ def test_gmm_and_gradients_equal_ragged_dot(lowering, dtype):
         _check(d_rhs, r_rhs, dtype, what + ": d rhs")
         empty = np.asarray(sizes) == 0
         assert not np.asarray(d_rhs)[empty].any(), what + ": an empty group's gradient is not zero"
+        if part is None:
+            continue
         # One shard's experts (offset..offset+1): their rows, zeros elsewhere; their gradients.
         p_out, p_lhs, p_rhs = part
         starts = np.concatenate([[0], np.cumsum(np.asarray(sizes))])
