@@ -4,8 +4,8 @@ Two layouts of the token rows (built by `moe.dispatch`):
 - ragged:  lhs [M, K], rows sorted by expert, `group_sizes` [E] (rows past their sum are
   zero); backends `xla` (alias `ragged_dot`: jax.lax.ragged_dot, dropless, no padding) and
   `pallas` (the grouped-matmul kernels of `cpm2_jax.kernels`: Mosaic on TPU, Triton on GPU,
-  interpret mode on CPU; under an `expert` mesh axis one kernel per shard through shard_map,
-  each on its local experts, outputs summed over the expert shards);
+  interpret mode on CPU; under an `expert` mesh axis one kernel per device through
+  shard_map: its local experts, its chunk of the rows, outputs summed over the expert shards);
 - batched: lhs [E, M, K], M slots per expert (expert-major: `layer.expert_ffn` moves the
   [G, E, C, K] buffers of `moe.dispatch` to [E, G*C, K]); backends `padded` and `einsum`
   (both a batched matmul here; they differ in how `dispatch` fills the slots).
@@ -131,10 +131,11 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Optional[jax.Arr
 
 def pallas_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """cpm2_jax.kernels.gmm (differentiable); under an `expert` mesh axis one kernel per shard
-    through shard_map: every device takes all rows and its local experts (group_offset = shard
-    index x local experts), writes zeros on the other experts' rows, and the shards' outputs
-    are summed (an all-reduce over the expert axes, as XLA partitions ragged_dot). Devices of the
-    other mesh axes repeat the same work (the rows are not split among them)."""
+    through shard_map. The rows are split in contiguous chunks over the other mesh axes, the
+    experts over the expert axes: each device multiplies its chunk's rows of its local experts
+    (group sizes cut to the chunk, group_offset = expert shard x local experts), zeros the rest,
+    and the expert shards' outputs are summed (a reduce over the expert axes, as XLA partitions
+    ragged_dot). The weight gradient sums over the row chunks (shard_map's transpose)."""
     from cpm2_jax.kernels import gmm  # the kernels import Pallas: only when this backend runs
 
     axes = expert_mesh_axes()
@@ -146,11 +147,23 @@ def pallas_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
         raise ConfigError(f"num_experts {rhs.shape[0]} is not divisible by the {shards} shards of mesh "
                           f"axes {axes} that split the `expert` axis")
     local = rhs.shape[0] // shards
+    row_axes = tuple(a for a in mesh.axis_names if a not in axes and mesh.shape[a] > 1)
+    chunks = math.prod(mesh.shape[a] for a in row_axes)
+    m = lhs.shape[0]
+    padded = -(-m // chunks) * chunks
+    if padded != m:  # rows past sum(group_sizes) are in no group: zero rows, sliced off below
+        lhs = jnp.pad(lhs, ((0, padded - m), (0, 0)))
     spec = jax.sharding.PartitionSpec
+    rows_spec = spec(row_axes) if row_axes else spec()
 
     def per_shard(rows, weights, sizes):
+        size = rows.shape[0]
+        first = jax.lax.axis_index(row_axes) * size if row_axes else 0
+        ends = jnp.cumsum(sizes)
+        in_chunk = jnp.clip(ends, first, first + size) - jnp.clip(ends - sizes, first, first + size)
         offset = jax.lax.axis_index(axes) * local
-        return jax.lax.psum(gmm(rows, weights, sizes, group_offset=offset), axes)
+        return jax.lax.psum(gmm(rows, weights, in_chunk.astype(jnp.int32), group_offset=offset), axes)
 
-    return jax.shard_map(per_shard, in_specs=(spec(), spec(axes), spec()), out_specs=spec(), check_vma=False)(
-        lhs, rhs, group_sizes)
+    out = jax.shard_map(per_shard, in_specs=(rows_spec, spec(axes), spec()), out_specs=rows_spec,
+                        check_vma=False)(lhs, rhs, group_sizes)
+    return out[:m]

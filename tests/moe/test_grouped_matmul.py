@@ -119,3 +119,28 @@ def test_moe_layer_with_pallas_equals_xla_on_one_device_and_on_an_expert_mesh():
         assert len(leaves) == len(ref) and float(jnp.abs(ref[1]).max()) > 1e-3
         for a, b in zip(leaves, ref):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=where)
+
+
+def test_pallas_on_an_expert_mesh_splits_rows_and_experts():
+    """backend="pallas" on the data=2, expert=4 mesh (each device: its 2 experts, its half of the
+    rows; m odd, a group crossing the halves, empty groups, rows past the groups) equals
+    ragged_dot, output and both gradients."""
+    from cpm2_jax.partitioning import LOGICAL_AXIS_RULES, cpu_test_mesh, mesh_context, rules_for_mesh
+
+    rng = np.random.RandomState(0)
+    lhs, rhs = jnp.asarray(rng.randn(41, 24), jnp.float32), jnp.asarray(rng.randn(8, 24, 20), jnp.float32)
+    probe = jnp.asarray(rng.randn(41, 20), jnp.float32)
+    sizes = jnp.asarray([5, 0, 9, 3, 0, 12, 4, 2], jnp.int32)  # 35 rows; the halves meet inside group 5
+
+    def loss_and_grads(backend):
+        def loss(a, b):
+            return jnp.sum(grouped_matmul(a, b, sizes, backend=backend) * probe)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(lhs, rhs)
+
+    want = loss_and_grads("xla")
+    mesh = cpu_test_mesh(data=2, model=1, expert=4)
+    with mesh_context(mesh), nn.logical_axis_rules(rules_for_mesh(mesh.axis_names, LOGICAL_AXIS_RULES)):
+        assert expert_axis_sharded()
+        got = loss_and_grads("pallas")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
