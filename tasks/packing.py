@@ -80,6 +80,9 @@ def to_features(rows: Sequence[Sequence[Example]], lengths: Mapping[str, int], p
                     out["decoder_input_tokens"][r, start + 1:end] = tokens[:-1]
                 start = end
     out["decoder_loss_weights"] = (out["decoder_target_tokens"] > 0).astype(np.int32)
+    if not pack and n and all(row and "task_index" in row[0] for row in rows):
+        # Unpacked rows of a mixture: each row's task (its prompt, cpm2_jax.prompts).
+        out["task_index"] = np.asarray([int(row[0]["task_index"]) for row in rows], np.int32)
     if not pack:  # seqio shifts the whole row here, so the EOS also moves into the first padding slot
         out["decoder_input_tokens"][:, 1:] = out["decoder_target_tokens"][:, :-1]
         for name in ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids", "decoder_positions"):

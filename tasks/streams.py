@@ -255,7 +255,8 @@ class MixtureStream(ExampleStream):
                 self._ended.add(choice)
                 continue
             self.examples += 1
-            return example
+            # Which task of the mixture: prompt tuning serves the k-th task with prompt row k.
+            return {**example, "task_index": np.asarray(choice, np.int32)}
         raise StopIteration
 
     @property
