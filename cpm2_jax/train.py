@@ -72,7 +72,7 @@ def _finite(metrics: Mapping[str, float]) -> bool:
 
 
 def train(*, model_config: ModelConfig, train_dataset_cfg: datasets.DatasetConfig, model_dir: str, train_steps: int,
-          trainer_cfg: TrainerConfig = TrainerConfig(),
+          trainer_cfg: TrainerConfig = TrainerConfig(), inheritance_cfg=None,
           checkpoint_cfg: ckpt_lib.CheckpointConfig = ckpt_lib.CheckpointConfig(),
           eval_dataset_cfg: Optional[datasets.DatasetConfig] = None, eval_period: int = 0, eval_steps: int = 20,
           mesh_shape: Optional[Mapping[str, int]] = None, log_period: int = 10,
@@ -91,6 +91,11 @@ def train(*, model_config: ModelConfig, train_dataset_cfg: datasets.DatasetConfi
         (model_dir / "config.gin").write_text(gin_config_str)
     mesh = build_mesh(mesh_shape)
     trainer = Trainer(model_config, trainer_cfg, mesh, total_steps=train_steps)
+    with_teacher = lambda batches: batches  # noqa: E731
+    if inheritance_cfg is not None:  # knowledge inheritance: a teacher term in the loss (cpm2_jax.inheritance)
+        from cpm2_jax.inheritance.objective import enable_inheritance
+
+        with_teacher = enable_inheritance(trainer, inheritance_cfg, train_steps)
     trainer.check_batch_size(train_dataset_cfg.batch_size)
     if eval_dataset_cfg is not None:
         trainer.check_batch_size(eval_dataset_cfg.batch_size)
@@ -104,6 +109,7 @@ def train(*, model_config: ModelConfig, train_dataset_cfg: datasets.DatasetConfi
     bar = ProgressBar(0, train_steps, enabled=False)  # replaced once the start step is known
     state = initial_state(trainer, ckpts, checkpoint_cfg, model_config, bar.write)
     start = int(jax.device_get(state.step))
+    batches = with_teacher(batches)
     writer = MetricsWriter(model_dir)
     bar = ProgressBar(start, train_steps, enabled=progress)
     record = ckpt_lib.config_record(model_config, gin_config_str,

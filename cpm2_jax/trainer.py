@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cpm2_jax import losses, optim
 from cpm2_jax.config import ModelConfig
 from cpm2_jax.errors import ConfigError, CPM2Error, ShardingError
+from cpm2_jax.inheritance.objective import SUM_KEYS
 from cpm2_jax.model import EncoderDecoder
 from cpm2_jax.partitioning import (batch_axes, logical_specs, mesh_specs, optimizer_state_specs, rules_for_mesh,
                                    shardings_for)
@@ -85,7 +86,7 @@ class Trainer:
     """Builds sharded train state and compiled steps for one model, optimiser and mesh."""
 
     def __init__(self, model_config: ModelConfig, config: TrainerConfig, mesh: jax.sharding.Mesh, *,
-                 total_steps: int = 0, rules=None):
+                 total_steps: int = 0, rules=None, inheritance=None):
         if config.grad_accum_steps < 1:
             raise ConfigError(f"grad_accum_steps must be >= 1, got {config.grad_accum_steps}")
         self.model_config = model_config
@@ -93,6 +94,9 @@ class Trainer:
         self.mesh = mesh
         self.rules = rules_for_mesh(mesh.axis_names) if rules is None else rules
         self.model = EncoderDecoder(model_config)
+        # Knowledge inheritance (cpm2_jax.inheritance.objective.Inheritance) or None; its
+        # teacher's params are set by `set_inheritance` once this trainer's mesh exists.
+        self.inheritance = None
         self.tx, self.schedule = config.optimizer.build(total_steps)
 
         with self.mesh_and_rules():
@@ -117,8 +121,20 @@ class Trainer:
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(self.batch_axes or None))
         self._train_step = jax.jit(self._train_step_impl, in_shardings=(self.state_shardings, self.batch_sharding),
                                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+        if inheritance is not None:
+            self.set_inheritance(inheritance)
         self._eval_step = jax.jit(self._eval_step_impl, in_shardings=(self.param_shardings, self.batch_sharding),
                                   out_shardings=self.replicated)
+
+    def set_inheritance(self, inheritance) -> None:
+        """Train with a teacher term (knowledge inheritance): the teacher's params become a
+        third, frozen argument of the step, sharded by its own rules, never donated."""
+        self.inheritance = inheritance
+        teacher = inheritance.teacher
+        teacher_shardings = teacher.shardings if teacher is not None else None
+        self._train_step = jax.jit(self._train_step_impl,
+                                   in_shardings=(self.state_shardings, self.batch_sharding, teacher_shardings),
+                                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
 
     # ----------------------------------------------------------------- set-up helpers
     def mesh_and_rules(self):
@@ -186,7 +202,8 @@ class Trainer:
 
             check_batch(local_batch["encoder_input_tokens"], local_batch.get("task_index"), self.model_config.prompt,
                         "training batch")
-        keep = [k for k in (*MODEL_FEATURES, "decoder_loss_weights") if k in local_batch]
+        extra = self.inheritance.batch_features if self.inheritance is not None else ()
+        keep = [k for k in (*MODEL_FEATURES, "decoder_loss_weights", *extra) if k in local_batch]
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_batch[k]))
                 for k in keep}
 
@@ -203,8 +220,9 @@ class Trainer:
 
         return jax.tree_util.tree_map(split, batch)
 
-    def _train_step_impl(self, state: TrainState, batch):
+    def _train_step_impl(self, state: TrainState, batch, teacher_params=None):
         cfg = self.config
+        ki = self.inheritance
         accum = cfg.grad_accum_steps
         total_weight = jnp.maximum(jnp.sum(_loss_weights(batch)), 1.0)
         dropout_base = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), state.step)
@@ -213,7 +231,7 @@ class Trainer:
         enable_dropout = True
         trainable = optim.trainable_subtree(state.params, self.mask)
 
-        def objective(sub, micro, index):
+        def objective(sub, micro, index, teacher_out):
             params = optim.merge_subtree(state.params, self.mask, sub)
             logits, aux = _apply_model(self.model, self.model_config, params, micro, enable_dropout=enable_dropout,
                                        dropout_rng=jax.random.fold_in(dropout_base, index))
@@ -222,22 +240,30 @@ class Trainer:
                 logits, micro["decoder_target_tokens"], weights, label_smoothing=cfg.label_smoothing,
                 z_loss=cfg.z_loss)
             correct = losses.weighted_correct(logits, micro["decoder_target_tokens"], weights)
-            value = loss_sum / total_weight + aux / accum
-            return value, {"loss_sum": loss_sum, "z_loss_sum": z_sum, "correct": correct, "aux_loss": aux / accum}
+            sums = {"loss_sum": loss_sum, "z_loss_sum": z_sum, "correct": correct, "aux_loss": aux / accum}
+            if ki is None:
+                return loss_sum / total_weight + aux / accum, sums
+            sums.update(ki.sums(logits, micro["decoder_target_tokens"], weights, teacher_out))
+            mixed, _ = ki.mix(loss_sum / total_weight, sums["kd_sum"] / total_weight, state.step)
+            return mixed + aux / accum, sums
+
+        def teacher_out(micro):  # per micro-batch, outside the differentiated function
+            return None if ki is None else ki.teacher_outputs(teacher_params, micro)
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
+        sum_keys = ("loss_sum", "z_loss_sum", "correct", "aux_loss") + (() if ki is None else SUM_KEYS)
         if accum == 1:
-            (_, sums), grads = grad_fn(trainable, batch, 0)
+            (_, sums), grads = grad_fn(trainable, batch, 0, teacher_out(batch))
         else:
             def body(carry, xs):
                 grads_acc, sums_acc = carry
                 micro, index = xs
-                (_, sums), grads = grad_fn(trainable, micro, index)
+                (_, sums), grads = grad_fn(trainable, micro, index, teacher_out(micro))
                 return (jax.tree_util.tree_map(jnp.add, grads_acc, grads),
                         jax.tree_util.tree_map(jnp.add, sums_acc, sums)), None
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
-            zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "correct", "aux_loss")}
+            zero_sums = {k: jnp.zeros((), jnp.float32) for k in sum_keys}
             (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums),
                                             (self._micro_batches(batch), jnp.arange(accum)))
 
@@ -253,6 +279,10 @@ class Trainer:
             "learning_rate": jnp.asarray(self.schedule(state.step), jnp.float32),
             "nonpadding_tokens": total_weight,
         }
+        if ki is not None:
+            lm = sums["loss_sum"] / total_weight
+            metrics.update(ki.metrics(sums, lm, total_weight, state.step))
+            metrics["loss"] = ki.mix(lm, metrics["kd_loss"], state.step)[0] + sums["aux_loss"]
         return TrainState(step=state.step + 1, params=new_params, opt_state=opt_state), metrics
 
     def _eval_step_impl(self, params, batch):
@@ -266,6 +296,9 @@ class Trainer:
     def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
         """One optimiser update; `state` is donated. Metrics stay on device (no host sync)."""
         with self.mesh_and_rules():
+            if self.inheritance is not None:
+                teacher = self.inheritance.teacher
+                return self._train_step(state, dict(batch), None if teacher is None else teacher.params)
             return self._train_step(state, dict(batch))
 
     def lower_train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):

@@ -16,7 +16,7 @@ import importlib
 import json
 
 # Modules adding more `cpm2 convert X` sub-commands; each defines `register(subparsers)`.
-_CONVERSION_MODULES: list[str] = ["cpm2_jax.commands.dense_to_moe"]
+_CONVERSION_MODULES: list[str] = ["cpm2_jax.commands.dense_to_moe", "cpm2_jax.commands.extend_vocab"]
 
 
 def register(subparsers) -> None:

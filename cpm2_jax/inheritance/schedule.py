@@ -40,8 +40,10 @@ class InheritanceConfig:
 
     teacher_checkpoint: a checkpoint of this project run inside the step (converted dir or
       training run); teacher_outputs: a directory of precomputed top-k teacher outputs
-      (`cpm2 teacher-topk`). Exactly one of the two.
-    schedule / alpha (a_0) / inherit_steps (N) / temperature (T): see `alpha_at`.
+      (`cpm2 teacher-topk`).
+      With both set, the precomputed outputs are used (the checkpoint names where they came from).
+    schedule / alpha (a_0) / inherit_steps (N) / temperature (T): see `alpha_at`; N = None is
+      `inherit_fraction` of the run's steps (the reference run: 44%).
     teacher_dtype: 'bfloat16' holds and runs the teacher in bf16 (None: as saved).
     teacher_vocabulary / student_vocabulary: vocabulary files, needed when the teacher's
       vocabulary differs from the student's (its ids are mapped by piece; sentinels to sentinels).
@@ -51,7 +53,8 @@ class InheritanceConfig:
     teacher_outputs: Optional[str] = None
     schedule: str = "linear"
     alpha: float = 1.0
-    inherit_steps: int = 1000
+    inherit_steps: Optional[int] = None
+    inherit_fraction: float = 0.44
     temperature: float = 2.0
     teacher_dtype: Optional[str] = None
     teacher_vocabulary: Optional[str] = None
@@ -62,17 +65,25 @@ class InheritanceConfig:
         where = "cpm2_jax.inheritance.InheritanceConfig"
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"{where}.schedule: unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+        if self.schedule != "constant" and self.inherit_steps is None:
+            raise ConfigError(f"{where}.inherit_steps (N) is not set; set it or call resolved(train_steps)")
         if self.schedule != "constant" and self.inherit_steps <= 0:
             raise ConfigError(f"{where}.inherit_steps (N) must be > 0, got {self.inherit_steps}")
         if not self.temperature > 0:
             raise ConfigError(f"{where}.temperature (T) must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"{where}.alpha (a_0) must be in [0, 1], got {self.alpha}")
-        if bool(self.teacher_checkpoint) == bool(self.teacher_outputs):
-            raise ConfigError(f"{where}: set exactly one of teacher_checkpoint and teacher_outputs")
+        if not (self.teacher_checkpoint or self.teacher_outputs):
+            raise ConfigError(f"{where}: set teacher_checkpoint (TEACHER_CHECKPOINT_PATH) or teacher_outputs")
         if self.teacher_dtype not in (None, "float32", "bfloat16"):
             raise ConfigError(f"{where}.teacher_dtype must be 'float32' or 'bfloat16', got {self.teacher_dtype!r}")
         return self
+
+    def resolved(self, train_steps: int) -> "InheritanceConfig":
+        """N = inherit_fraction * train_steps when inherit_steps is None (at least 1 step)."""
+        if self.inherit_steps is not None:
+            return self
+        return dataclasses.replace(self, inherit_steps=max(1, round(self.inherit_fraction * train_steps)))
 
     def alpha_at(self, step) -> jax.Array:
         return alpha_at(step, schedule=self.schedule, alpha=self.alpha, inherit_steps=self.inherit_steps)

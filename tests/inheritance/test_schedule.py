@@ -24,6 +24,8 @@ def test_default_is_linear_with_temperature_two():
     cfg = InheritanceConfig(teacher_checkpoint="x", inherit_steps=4).validate()
     assert cfg.schedule == "linear" and cfg.temperature == 2.0
     assert float(cfg.alpha_at(1)) == pytest.approx(0.75)
+    # N unset: 44% of the run, as the reference KI run.
+    assert InheritanceConfig(teacher_checkpoint="x").resolved(1000).validate().inherit_steps == 440
 
 
 @pytest.mark.parametrize("fields,named", [
@@ -33,9 +35,9 @@ def test_default_is_linear_with_temperature_two():
     ({"temperature": -1.0}, "temperature (T) must be > 0"),
     ({"schedule": "cosine"}, "unknown schedule 'cosine'"),
     ({"alpha": 1.5}, "alpha (a_0) must be in [0, 1]"),
-    ({"teacher_checkpoint": None}, "exactly one of teacher_checkpoint and teacher_outputs"),
+    ({"teacher_checkpoint": None}, "set teacher_checkpoint (TEACHER_CHECKPOINT_PATH) or teacher_outputs"),
 ])
 def test_bad_values_name_the_field(fields, named):
-    cfg = InheritanceConfig(**{"teacher_checkpoint": "ckpt", **fields})
+    cfg = InheritanceConfig(**{"teacher_checkpoint": "ckpt", "inherit_steps": 10, **fields})
     with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         cfg.validate()
