@@ -180,7 +180,8 @@ def read_examples(path: str, *, vocabulary, vocab_size: int, need_targets: bool)
             record = {"inputs": [int(tok) for tok in text.split()]}
         else:
             record = {"inputs": line}
-        example = {"record": record, "input_ids": _as_ids(record["inputs"], where, "inputs", vocabulary, vocab_size)}
+        example = {"record": record, "where": where,
+                   "input_ids": _as_ids(record["inputs"], where, "inputs", vocabulary, vocab_size)}
         if need_targets:
             if "targets" not in record:
                 raise DataError(f"{where}: mode 'score' needs a JSON line with a \"targets\" field")
@@ -276,12 +277,18 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
           length_penalty_kind: str = "hf", early_stopping: Union[bool, str] = False, temperature: float = 1.0,
           top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8, max_input_length: int = 512,
           dtype: Optional[str] = None, mesh_shape: Optional[dict] = None, overwrite: bool = False,
-          log=None) -> dict:
+          prompt_files: Sequence[str] = (), log=None) -> dict:
     """Decodes (mode 'predict') or scores given targets (mode 'score') every input line and
     writes JSON Lines; returns a summary (examples, generated tokens, seconds).
 
     `mesh_shape` (e.g. {'data': 2, 'model': 4}): parameters split by the partition rules and
     batches by the `batch` rule over that mesh, for models that do not fit one device.
+
+    `prompt_files` (`--prompt FILE`, repeatable): tuned prompts served by this backbone as
+    tasks 0, 1, ... (each tuned on it: a prompt for another backbone is refused); a JSON input's
+    `task` field (an index or the file's name, `lcqmc` for `lcqmc.prompt.npz`) picks each
+    example's prompt and placement, task 0 when absent. A checkpoint trained with a prompt
+    serves its own prompt table the same way.
     """
     import jax
 
@@ -304,6 +311,11 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
         if dtype:
             config = config.replace(dtype=dtype)
         check_params(params, config, repr(str(checkpoint_path)))
+        task_names = None
+        if prompt_files:  # tuned prompts become the prompt table (each checked against this backbone)
+            from cpm2_jax.prompts.serving import attach_prompts
+
+            params, config, task_names = attach_prompts(params, config, list(prompt_files))
         vocabulary = None
         if vocabulary_path:
             from cpm2_jax.tasks.vocabulary import load_vocabulary
@@ -314,6 +326,9 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
                                   f"model's {config.vocab_size}")
         examples = read_examples(input_path, vocabulary=vocabulary, vocab_size=config.vocab_size,
                                  need_targets=mode == "score")
+        from cpm2_jax.prompts.serving import resolve_tasks
+
+        tasks = resolve_tasks(examples, config.prompt, task_names)  # None without a prompt table
         params, on_mesh, place_batch = _place(params, config, mesh_shape, batch_size)
         start, generated, truncated = time.perf_counter(), 0, 0
         for first in range(0, len(examples), batch_size):
@@ -321,11 +336,13 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
             longest = max(len(e["input_ids"]) for e in chunk)
             truncated += sum(len(e["input_ids"]) > max_input_length for e in chunk)
             enc = place_batch(_pad([e["input_ids"] for e in chunk], batch_size, _bucket(longest, max_input_length)))
+            task_index = None if tasks is None else place_batch(_pad([tasks[first:first + batch_size]], 1, batch_size)[0])
             if mode == "score":
                 targets = _pad([e["target_ids"] for e in chunk], batch_size,
                                _bucket(max(len(e["target_ids"]) for e in chunk), 1 << 30))
                 with on_mesh():
-                    token_scores, totals = jax.device_get(decoding.score(params, enc, targets, config=config))
+                    token_scores, totals = jax.device_get(decoding.score(params, enc, targets, config=config,
+                                                                         task_index=task_index))
                 for i, e in enumerate(chunk):
                     n = len(e["target_ids"])
                     writer.write({**e["record"], "input_ids": e["input_ids"], "target_ids": e["target_ids"],
@@ -336,7 +353,8 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
                                       min_new_tokens=min_new_tokens, num_beams=num_beams,
                                       length_penalty=length_penalty, length_penalty_kind=length_penalty_kind,
                                       early_stopping=early_stopping, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, rng=jax.random.fold_in(jax.random.PRNGKey(seed), first))
+                                      top_p=top_p, rng=jax.random.fold_in(jax.random.PRNGKey(seed), first),
+                                      task_index=task_index)
                 tokens, scores, lengths = jax.device_get((out.tokens, out.scores, out.lengths))
             for i, e in enumerate(chunk):
                 ids = decoding.strip_after_eos(tokens[i])
@@ -368,6 +386,8 @@ def configurable_infer():
 def add_flags(parser: argparse.ArgumentParser) -> None:
     gin_utils.add_gin_flags(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--prompt", action="append", default=[], metavar="FILE",
+                        help="a tuned prompt file (repeatable: tasks 0, 1, ...; a JSON input's `task` picks one)")
 
 
 def run(args) -> int:
@@ -379,7 +399,10 @@ def run(args) -> int:
     try:
         gin_utils.parse_gin(files, args.gin_bindings, args.gin_search_paths)
         gin_utils.check_required_macros("infer")
-        gin_utils.call_configured(entry, **({"overwrite": True} if args.overwrite else {}))
+        flags = {"overwrite": True} if args.overwrite else {}
+        if getattr(args, "prompt", None):
+            flags["prompt_files"] = list(args.prompt)
+        gin_utils.call_configured(entry, **flags)
     finally:
         import gin
 
