@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from cpm2_jax import checkpoints as ckpt_lib
 from cpm2_jax import datasets, gin_utils
 from cpm2_jax.config import ModelConfig
-from cpm2_jax.errors import CheckpointError, ConfigError
+from cpm2_jax.errors import ConfigError
 from cpm2_jax.metrics_writer import MetricsWriter
 from cpm2_jax.trainer import Trainer, TrainerConfig
 
@@ -69,13 +69,28 @@ def _scalar(value) -> Optional[float]:
         return None
 
 
-def evaluate(*, model_config: ModelConfig, dataset_cfg: datasets.DatasetConfig, checkpoint_path: str,
+def _use_checkpoint_vocabulary(step_dir, settings) -> None:
+    """The tasks' configured vocabulary becomes the checkpoint's, unless one was set explicitly
+    (gin `configure.vocabulary` or $CPM2_VOCAB), so eval scores with the vocabulary the model
+    was trained with, whatever sits in the vocabulary cache."""
+    import os
+
+    saved = ckpt_lib.saved_vocabulary(step_dir)
+    explicit = getattr(settings, "_overrides", {}).get("vocabulary") or os.environ.get(settings.VOCAB_ENV)
+    if saved is not None and not explicit:
+        settings.set_vocabulary_path(saved.path)
+
+
+def evaluate(*, model_config: Optional[ModelConfig] = None, dataset_cfg: datasets.DatasetConfig, checkpoint_path: str,
              output_dir: Optional[str] = None, mesh_shape: Optional[Mapping[str, int]] = None,
              num_examples: Optional[int] = None, decode_method: str = "greedy", num_beams: int = 4,
              max_new_tokens: Optional[int] = None) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} for every task of `dataset_cfg.mixture_or_task_name`."""
-    for name, value in (("model_config", model_config), ("dataset_cfg", dataset_cfg),
-                        ("checkpoint_path", checkpoint_path)):
+    """{task: {metric: value}} for every task of `dataset_cfg.mixture_or_task_name`.
+
+    The model config and the vocabulary are the checkpoint's; `model_config` (a model gin file
+    bound to `evaluate.model_config`) or a configured vocabulary override them.
+    """
+    for name, value in (("dataset_cfg", dataset_cfg), ("checkpoint_path", checkpoint_path)):
         if gin_utils.is_required(value) or value is None:
             raise ConfigError(f"evaluate: {name} is not set (bind it in the run file or with --gin.NAME=value)")
     import gin
@@ -85,19 +100,21 @@ def evaluate(*, model_config: ModelConfig, dataset_cfg: datasets.DatasetConfig, 
     with gin.unlock_config():
         from cpm2_jax.tasks import pipeline, settings
     settings.configure()
+    step_dir = ckpt_lib.resolve(checkpoint_path)
+    step = ckpt_lib.step_number(step_dir)
+    _use_checkpoint_vocabulary(step_dir, settings)
+    if model_config is None or gin_utils.is_required(model_config):
+        model_config = ckpt_lib.saved_model_config(step_dir)
+        if model_config is None:
+            raise ConfigError(f"checkpoint {str(step_dir)!r} records no model config; include a model gin file "
+                              f"and bind cpm2_jax.eval.evaluate.model_config = %MODEL_CONFIG")
     provider = pipeline.get_provider(dataset_cfg.mixture_or_task_name)
     lengths = dict(dataset_cfg.task_feature_lengths)
 
     from cpm2_jax.train import build_mesh
 
     trainer = Trainer(model_config, TrainerConfig(), build_mesh(mesh_shape))
-    state_dir = ckpt_lib.resolve_state_dir(checkpoint_path)
-    step = int(state_dir.parent.name) if state_dir.parent.name.isdigit() else 0
-
-    def never():
-        raise CheckpointError(f"{state_dir} lacks parameters the model needs")
-
-    params, _ = ckpt_lib.restore_partial(state_dir, trainer.abstract_params(), never, fallback_to_scratch=False)
+    params, _ = ckpt_lib.load_params(step_dir, model_config, target=trainer.abstract_params())
     batch_size = dataset_cfg.batch_size
     trainer.check_batch_size(batch_size)
     new_tokens = max_new_tokens or lengths.get("targets", 128)
@@ -157,7 +174,7 @@ def evaluate(*, model_config: ModelConfig, dataset_cfg: datasets.DatasetConfig, 
     if output_dir and jax.process_index() == 0:
         out = pathlib.Path(output_dir).expanduser()
         out.mkdir(parents=True, exist_ok=True)
-        record = {"checkpoint": str(state_dir.parent), "step": step, "split": dataset_cfg.split, "tasks": results}
+        record = {"checkpoint": str(step_dir), "step": step, "split": dataset_cfg.split, "tasks": results}
         (out / f"eval_{dataset_cfg.split}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
         writer = MetricsWriter(out / "eval")
         for task_name, metrics in results.items():

@@ -10,8 +10,9 @@ Text is tokenised with the vocabulary and gets EOS appended (as seqio does for i
 Output: JSON Lines with the inputs, `output_ids` (up to EOS), `output` text (with a
 vocabulary) and `score`; other fields of a JSON input line are copied through. The output
 file is written to a temp file and renamed, and never replaces an existing file unless
-`overwrite`. Checkpoints: a converted directory (`model_config.json` + `params/`, from
-`cpm2 convert from-hf`) or a training run / step folder written by `cpm2 train`.
+`overwrite`. Checkpoints: any reference `cpm2_jax.checkpoints` reads (a `cpm2 train` run, its
+latest step; a step folder; a `cpm2 convert` directory), with the model config and the
+vocabulary saved in it (flags override them).
 """
 from __future__ import annotations
 
@@ -38,75 +39,27 @@ DEFAULT_GIN_FILE = "runs/infer.gin"
 
 def load_checkpoint(path: Union[str, os.PathLike], model_config: Optional[ModelConfig] = None
                     ) -> tuple[dict, ModelConfig]:
-    """(params as host arrays, config) from a converted directory or a training checkpoint.
+    """(params as host arrays, config) of any checkpoint reference: a `cpm2 train` run
+    (latest step), a step folder or a `cpm2 convert` directory.
 
     The config recorded in the checkpoint is used; `model_config` is needed only for a
-    training checkpoint that does not record one.
+    checkpoint that does not record one.
     """
-    from cpm2_jax.convert import native
-
-    p = pathlib.Path(path).expanduser().absolute()
-    if not p.exists():
-        raise CheckpointError(f"checkpoint path {str(p)!r} does not exist (--gin.CHECKPOINT_PATH)")
-    if (p / native.CONFIG_FILE).is_file():
-        return native.load_params(p)
-    return _load_training_checkpoint(p, model_config)
-
-
-def _load_training_checkpoint(path: pathlib.Path, model_config: Optional[ModelConfig]) -> tuple[dict, ModelConfig]:
-    """Params of the latest (or the given) step of a `cpm2 train` run, restored as numpy."""
-    import jax
-    import orbax.checkpoint as ocp
-
     from cpm2_jax import checkpoints
 
-    state_dir = checkpoints.resolve_state_dir(path)
-    config = model_config
-    record = state_dir.parent / "config" / "metadata"
-    if record.is_file():
-        try:
-            fields = json.loads(record.read_text()).get("model_config")
-        except ValueError as err:
-            raise CheckpointError(f"{str(record)!r} is not valid JSON: {err}") from None
-        if fields:
-            config = ModelConfig().replace(**fields)
-    if config is None:
-        raise ConfigError(f"checkpoint {str(state_dir)!r} records no model config; give one with a model gin file "
-                          "(--gin_file=models/NAME.gin)")
-    checkpointer = ocp.PyTreeCheckpointer()
-    try:
-        tree = checkpointer.metadata(state_dir).item_metadata.tree
-        if "params" not in tree:
-            raise CheckpointError(f"checkpoint {str(state_dir)!r} has no 'params' item")
-        item = {"params": tree["params"]}
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"cannot restore params from {str(state_dir)!r}: {err}") from None
-    finally:
-        checkpointer.close()
-    return restored["params"], config
+    step_dir = checkpoints.resolve(path)
+    return checkpoints.load_params(step_dir, checkpoints.saved_model_config(step_dir) or model_config)
 
 
 def check_params(params, config: ModelConfig, source: str) -> None:
     """Raises CheckpointError naming every parameter whose shape differs from `config`'s model."""
-    import jax
+    from cpm2_jax import param_paths
+    from cpm2_jax.checkpoints import abstract_params, describe_mismatch
 
-    from cpm2_jax import decoding
-    from cpm2_jax.checkpoints import describe_mismatch
+    def shapes(tree):
+        return {k: tuple(v.shape) for k, v in param_paths.flatten(tree).items()}
 
-    model = decoding.EncoderDecoder(config)
-    ones = np.ones((1, 2), np.int32)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ones, ones))["params"]
-
-    def flat(tree):
-        import flax.linen as nn
-
-        leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(tree))[0]
-        return {"/".join(str(getattr(k, "key", k)) for k in kp): tuple(v.shape) for kp, v in leaves}
-
-    problems = describe_mismatch(flat(abstract), flat(params))
+    problems = describe_mismatch(shapes(abstract_params(config)), shapes(params))
     if problems:
         raise CheckpointError(f"checkpoint {source} does not match its model config: " + "; ".join(problems))
 
@@ -276,10 +229,13 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
           max_new_tokens: int = 64, min_new_tokens: int = 0, num_beams: int = 4, length_penalty: float = 1.0,
           length_penalty_kind: str = "hf", early_stopping: Union[bool, str] = False, temperature: float = 1.0,
           top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8, max_input_length: int = 512,
-          dtype: Optional[str] = None, mesh_shape: Optional[dict] = None, overwrite: bool = False,
-          prompt_files: Sequence[str] = (), log=None) -> dict:
+          dtype: Optional[str] = None, scan_layers: Optional[bool] = None, mesh_shape: Optional[dict] = None,
+          overwrite: bool = False, prompt_files: Sequence[str] = (), log=None) -> dict:
     """Decodes (mode 'predict') or scores given targets (mode 'score') every input line and
     writes JSON Lines; returns a summary (examples, generated tokens, seconds).
+    The model config and the vocabulary are the checkpoint's; `vocabulary_path`, `dtype` and
+    `scan_layers` override them (`model_config` only serves a checkpoint that records none).
+
 
     `mesh_shape` (e.g. {'data': 2, 'model': 4}): parameters split by the partition rules and
     batches by the `batch` rule over that mesh, for models that do not fit one device.
@@ -307,10 +263,12 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
         raise ConfigError("infer: batch_size, max_new_tokens and max_input_length must be >= 1")
     writer = _AtomicWriter(output_path, overwrite)  # refuse an existing output before any work
     try:
-        params, config = load_checkpoint(checkpoint_path, model_config)
-        if dtype:
-            config = config.replace(dtype=dtype)
-        check_params(params, config, repr(str(checkpoint_path)))
+        from cpm2_jax import checkpoints
+
+        step_dir = checkpoints.resolve(checkpoint_path)
+        config = checkpoints.saved_model_config(step_dir) or model_config
+        overrides = {k: v for k, v in (("dtype", dtype), ("scan_layers", scan_layers)) if v is not None}
+        params, config = checkpoints.load_params(step_dir, config.replace(**overrides) if config else None)
         task_names = None
         if prompt_files:  # tuned prompts become the prompt table (each checked against this backbone)
             from cpm2_jax.prompts.serving import attach_prompts
@@ -321,9 +279,14 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
             from cpm2_jax.tasks.vocabulary import load_vocabulary
 
             vocabulary = load_vocabulary(vocabulary_path)
-            if vocabulary.vocab_size > config.vocab_size:
-                raise ConfigError(f"vocabulary {vocabulary_path!r} has {vocabulary.vocab_size} ids, more than the "
-                                  f"model's {config.vocab_size}")
+        else:
+            saved = checkpoints.saved_vocabulary(step_dir)
+            vocabulary = saved.load() if saved is not None else None
+            if saved is not None:
+                log(f"infer: vocabulary {saved.path} (saved with the checkpoint)")
+        if vocabulary is not None and vocabulary.vocab_size > config.vocab_size:
+            raise ConfigError(f"vocabulary {vocabulary_path or 'of the checkpoint'!r} has {vocabulary.vocab_size} "
+                              f"ids, more than the model's {config.vocab_size}")
         examples = read_examples(input_path, vocabulary=vocabulary, vocab_size=config.vocab_size,
                                  need_targets=mode == "score")
         from cpm2_jax.prompts.serving import resolve_tasks

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from cpm2_jax.errors import ConfigError, closest
+from cpm2_jax.param_paths import path_name  # noqa: F401 - re-exported: the one path-name helper
 
 
 def noam_schedule(peak: float = 1e-3, warmup_steps: int = 1000) -> Callable[[jax.Array], jax.Array]:
@@ -112,11 +113,6 @@ class OptimizerConfig:
 # ---------------------------------------------------------------------------------------
 # Trainable subsets (prompt tuning, partial fine-tuning): gradients and optimiser state for
 # a subtree alone; the rest of the parameters is frozen and never differentiated.
-
-def path_name(path) -> str:
-    """A tree path as 'encoder/layers_0/mlp/wi_0/kernel'."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
 
 def _subtrees(name: str) -> list[str]:
     """'a/b/c' -> ['a', 'a/b', 'a/b/c']: the path and every subtree holding it."""

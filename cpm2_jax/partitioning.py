@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cpm2_jax.errors import ShardingError
+from cpm2_jax.param_paths import path_name
 
 MESH_AXES = ("data", "model", "expert")
 
@@ -103,10 +104,6 @@ def cpu_test_mesh(data: int = 2, model: int = 4, expert: int = 0) -> Mesh:
     return make_mesh(shape, jax.devices("cpu"))
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def logical_specs(abstract_variables) -> Any:
     """The logical PartitionSpec of every leaf of a (boxed) variables tree."""
     return nn.get_partition_spec(abstract_variables)
@@ -128,7 +125,7 @@ def check_divisible(shapes, specs, mesh_shape: Mapping[str, int], *, what: str =
             ways = math.prod(mesh_shape.get(t, 1) for t in targets)
             if dims[i] % ways:
                 raise ShardingError(
-                    f"{what} {_path_str(path)} has shape {tuple(dims)}: its axis {i} (size {dims[i]}) cannot be "
+                    f"{what} {path_name(path)} has shape {tuple(dims)}: its axis {i} (size {dims[i]}) cannot be "
                     f"split over mesh axis {'x'.join(targets)} of size {ways}; change --mesh or the model size")
 
     jax.tree_util.tree_map_with_path(check, shapes, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -167,11 +164,11 @@ def optimizer_state_specs(state_shapes, param_shapes, param_specs):
     """Mesh specs for an optax state tree: moments shaped like a parameter take its spec;
     Adafactor's factored rows/columns drop the factored axis; everything else is replicated."""
     by_path = {}
-    jax.tree_util.tree_map_with_path(lambda p, s, sp: by_path.__setitem__(_path_str(p), (s.shape, sp)),
+    jax.tree_util.tree_map_with_path(lambda p, s, sp: by_path.__setitem__(path_name(p), (s.shape, sp)),
                                      param_shapes, param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
     def spec_for(path, leaf):
-        text = _path_str(path)
+        text = path_name(path)
         for ppath, (pshape, pspec) in by_path.items():
             if not (text.endswith("/" + ppath) or text == ppath or ("/" + ppath + "/") in text):
                 continue

@@ -46,25 +46,46 @@ def build_mesh(mesh_shape: Optional[Mapping[str, int]]):
 
 
 def initial_state(trainer: Trainer, ckpts: ckpt_lib.Checkpoints, checkpoint_cfg: ckpt_lib.CheckpointConfig,
-                  model_config: ModelConfig, log: Callable[[str], None]):
-    """The latest checkpoint of this run, else a partial restore from
-    `checkpoint_cfg.restore_from`, else a fresh initialisation."""
-    latest = ckpts.latest_step()
-    if latest is not None:
-        state, _, _ = ckpts.restore(latest, trainer.abstract_state(), model_config=dataclasses.asdict(model_config))
-        log(f"resumed from checkpoint step {latest} in {ckpts.directory}")
-        return state
+                  model_config: ModelConfig, log: Callable[[str], None]) -> tuple[Any, Optional[dict]]:
+    """(state, data position of the restored step or None): the newest readable checkpoint of
+    this run (a damaged newer step is reported and left on disk), else a partial restore from
+    `checkpoint_cfg.restore_from` (any checkpoint, either layer layout; only the parameters it
+    lacks are initialised), else a fresh initialisation."""
+    resumed = ckpts.restore_latest(trainer.abstract_state(), model_config=dataclasses.asdict(model_config), log=log)
+    if resumed is not None:
+        state, data_state, _, step = resumed
+        log(f"resumed from checkpoint step {step} in {ckpts.directory}")
+        return state, data_state
     if checkpoint_cfg.restore_from:
         params, plan = ckpt_lib.restore_partial(
-            checkpoint_cfg.restore_from, trainer.abstract_params(), lambda: trainer.init_state().params,
+            checkpoint_cfg.restore_from, trainer.abstract_params(), lambda names: init_params_subset(trainer, names),
             assignment_map=checkpoint_cfg.assignment_map, fallback_to_scratch=checkpoint_cfg.fallback_to_scratch)
         loaded = sum(s is not None for s in plan.values())
         log(f"initialised {loaded} of {len(plan)} parameters from {checkpoint_cfg.restore_from}, the rest fresh")
         from cpm2_jax.prompts.init import after_restore  # a fresh prompt reads the restored embedding
 
         params = after_restore(params, plan, model_config, log)
-        return trainer.state_from_params(params)
-    return trainer.init_state()
+        return trainer.state_from_params(params), None
+    return trainer.init_state(), None
+
+
+def init_params_subset(trainer: Trainer, names) -> dict[str, jax.Array]:
+    """{name: fresh value} of the named parameters only, each created in its sharding: the
+    model's init is jitted with just these outputs, so XLA never materialises the others
+    (the values equal those of a full `trainer.init_state()`)."""
+    import flax.linen as nn
+
+    from cpm2_jax import param_paths
+
+    names = list(names)
+    shardings = param_paths.flatten(trainer.param_shardings)
+
+    def init(key):
+        flat = param_paths.flatten(nn.unbox(trainer._init_variables(key))["params"])  # pylint: disable=protected-access
+        return {n: flat[n] for n in names}
+
+    with trainer.mesh_and_rules():
+        return jax.jit(init, out_shardings={n: shardings[n] for n in names})(jax.random.PRNGKey(trainer.config.seed))
 
 
 def _finite(metrics: Mapping[str, float]) -> bool:
@@ -107,7 +128,14 @@ def train(*, model_config: ModelConfig, train_dataset_cfg: datasets.DatasetConfi
     shard = dict(shard_index=jax.process_index(), num_shards=jax.process_count())
     batches = get_dataset_fn(train_dataset_cfg, start_step=data_step, **shard)
     bar = ProgressBar(0, train_steps, enabled=False)  # replaced once the start step is known
-    state = initial_state(trainer, ckpts, checkpoint_cfg, model_config, bar.write)
+    state, restored_data = initial_state(trainer, ckpts, checkpoint_cfg, model_config, bar.write)
+    if restored_data is not None and int(restored_data.get("step", int(jax.device_get(state.step)))) != data_step:
+        # An unreadable newer step was skipped: the data restarts where the restored step was.
+        _close(batches)
+        data_step = int(restored_data.get("step", int(jax.device_get(state.step))))
+        batches = get_dataset_fn(train_dataset_cfg, start_step=data_step, **shard)
+    if get_dataset_fn is datasets.get_dataset:  # the real pipeline: its vocabulary goes into every step
+        ckpts.vocabulary = ckpt_lib.task_vocabulary(train_dataset_cfg.mixture_or_task_name)
     start = int(jax.device_get(state.step))
     batches = with_teacher(batches)
     writer = MetricsWriter(model_dir)

@@ -25,7 +25,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _args(checkpoint, out, task, *extra):
-    return ["--gin_file=models/tiny.gin", "--gin_file=runs/eval.gin", f"--gin.MIXTURE_OR_TASK_NAME='{task}'",
+    return ["--gin_file=runs/eval.gin", f"--gin.MIXTURE_OR_TASK_NAME='{task}'",
             "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 12}", f"--gin.CHECKPOINT_PATH='{checkpoint}'",
             f"--gin.EVAL_OUTPUT_DIR='{out}'", "--gin.NUM_EXAMPLES=6", "--gin.BATCH_SIZE=4",
             "--gin.MESH_SHAPE={'data': 2}", *extra]
@@ -35,7 +35,7 @@ def test_eval_writes_per_task_metrics(checkpoint, tmp_path, capsys, shared_data)
     out = tmp_path / "eval"
     # en_zh scores generations (BLEU, greedy decoding); poem_next_line is multiple choice.
     for task in ("en_zh", "poem_next_line"):
-        code = eval_bin.main(_args(checkpoint, out, task, f"--gin.cpm2_jax.model_config.vocab_size={VOCAB}"))
+        code = eval_bin.main(_args(checkpoint, out, task))  # the model config is the checkpoint's
         assert code == 0, capsys.readouterr().err[-2000:]
         record = json.loads((out / "eval_validation.json").read_text())
         metrics = record["tasks"][task]
@@ -46,7 +46,9 @@ def test_eval_writes_per_task_metrics(checkpoint, tmp_path, capsys, shared_data)
 
 
 def test_checkpoint_of_another_model_is_named(checkpoint, tmp_path, capsys):
-    code = eval_bin.main(_args(checkpoint, tmp_path, "poem_next_line"))  # tiny.gin's 512-entry vocabulary
+    # A model config given explicitly overrides the checkpoint's: tiny.gin's 512-entry vocabulary.
+    code = eval_bin.main(_args(checkpoint, tmp_path, "poem_next_line", "--gin_file=models/tiny.gin",
+                               "--gin.cpm2_jax.eval.evaluate.model_config=%MODEL_CONFIG"))
     err = capsys.readouterr().err
     assert code == 2
     assert "token_embedder/embedding" in err and "(8192, 64)" in err and "(512, 64)" in err
@@ -70,8 +72,7 @@ def test_two_processes_give_the_one_process_metrics(checkpoint, tmp_path, shared
         env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
                              "--xla_cpu_collective_call_terminate_timeout_seconds=900")
-        args = _args(checkpoint, out, "en_zh", f"--gin.cpm2_jax.model_config.vocab_size={VOCAB}",
-                     "--gin.MESH_SHAPE={'data': 4}", *extra)
+        args = _args(checkpoint, out, "en_zh", "--gin.MESH_SHAPE={'data': 4}", *extra)
         return subprocess.Popen([sys.executable, "-m", "cpm2_jax.eval", *args], cwd=repo, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

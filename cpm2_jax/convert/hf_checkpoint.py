@@ -157,7 +157,7 @@ def _shape(x) -> tuple[int, ...]:
     return tuple(int(n) for n in x.shape)
 
 
-def _to_numpy(x) -> np.ndarray:
+def to_numpy(x) -> np.ndarray:
     """A numpy array from numpy, jax or torch data (bfloat16 torch tensors via float32, exactly)."""
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch
         x = x.detach().cpu()
@@ -186,8 +186,8 @@ def params_from_state_dict(state_dict: Mapping[str, Any], tensors: list[HFTensor
         copy = state.pop(alias)
         if canonical not in state:
             state[canonical] = copy
-        elif _shape(copy) != _shape(state[canonical]) or not np.array_equal(_to_numpy(copy),
-                                                                           _to_numpy(state[canonical])):
+        elif _shape(copy) != _shape(state[canonical]) or not np.array_equal(to_numpy(copy),
+                                                                           to_numpy(state[canonical])):
             problems.append(f"key {alias!r} differs from {canonical!r}: the model ties them")
     expected = {t.hf_key: t for t in tensors}
     problems += [f"unexpected key {key!r} (found shape {_shape(state[key])})" for key in state if key not in expected]
@@ -203,7 +203,7 @@ def params_from_state_dict(state_dict: Mapping[str, Any], tensors: list[HFTensor
     shapes = project_shapes(tensors, config)
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for t in tensors:
-        x = np.asarray(_to_project(t, _to_numpy(state[t.hf_key]), config), dtype=dtype)
+        x = np.asarray(_to_project(t, to_numpy(state[t.hf_key]), config), dtype=dtype)
         path, index = _stored_path(t, config.scan_layers), _stack_index(t, config.scan_layers)
         if not index:
             flat[path] = np.ascontiguousarray(x)

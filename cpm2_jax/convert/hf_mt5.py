@@ -1,8 +1,14 @@
 """Import from and export to transformers' `MT5ForConditionalGeneration` (CPM-2 is the mT5 layout).
 
 The tensor table (`tensor_map`) is the T5 skeleton of `hf_checkpoint` with mT5's gated-GELU
-feed-forward (`DenseReluDense.wi_0/wi_1/wo`) and an untied `lm_head`; `hf_checkpoint` reads,
-reshapes, checks and writes from it.
+feed-forward (`DenseReluDense.wi_0/wi_1/wo`; T5 v1.0's ReLU `wi/wo` too) and an untied
+`lm_head`; `hf_checkpoint` reads, reshapes, checks and writes from it.
+
+A tied checkpoint (transformers 5 saves every MT5 tied: no `lm_head.weight`) imports as the
+untied CPM-2 head with the output matrix taken from `shared`, times the factor transformers
+applies to the decoder output before a tied head (`tied_head_scale`):
+
+    logits = (s * h) . shared^T = h . (s * shared)^T,   lm_head := s * shared
 """
 from __future__ import annotations
 
@@ -14,20 +20,23 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from cpm2_jax.config import ModelConfig
-from cpm2_jax.convert.hf_checkpoint import (EMBEDDING_COPIES, SHARED, HFTensor, load_directory,
-                                            params_from_state_dict, params_to_state_dict, save_directory,
+from cpm2_jax.convert.hf_checkpoint import (EMBEDDING_COPIES, SHARED, HFTensor, params_from_state_dict,
+                                            params_to_state_dict, read_hf_state_dict, save_directory,
                                             t5_tensor_map)
 from cpm2_jax.convert.hf_checkpoint import project_shapes as _table_shapes
 from cpm2_jax.errors import ConfigError
 
+# ModelConfig.ffn_activation <-> transformers' feed_forward_proj.
+_FEED_FORWARD_PROJ = {"gated_gelu": "gated-gelu", "relu": "relu"}
 # HF keeps this unused tensor in some checkpoints and skips it on load; so do we.
 _IGNORED_HF_KEYS = frozenset({"decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"})
 
 
 def _feed_forward(prefix: str, path: tuple[str, ...], c: ModelConfig, stack: str, layer: int) -> list[HFTensor]:
     del stack
-    return [HFTensor(f"{prefix}.DenseReluDense.wi_0.weight", path + ("mlp", "wi_0"), "transpose", (c.d_ff, c.d_model), layer),
-            HFTensor(f"{prefix}.DenseReluDense.wi_1.weight", path + ("mlp", "wi_1"), "transpose", (c.d_ff, c.d_model), layer),
+    inputs = ("wi_0", "wi_1") if c.ffn_activation == "gated_gelu" else ("wi",)
+    return [*(HFTensor(f"{prefix}.DenseReluDense.{w}.weight", path + ("mlp", w), "transpose", (c.d_ff, c.d_model),
+                       layer) for w in inputs),
             HFTensor(f"{prefix}.DenseReluDense.wo.weight", path + ("mlp", "wo"), "transpose", (c.d_model, c.d_ff), layer),
             HFTensor(f"{prefix}.layer_norm.weight", path + ("pre_mlp_layer_norm", "scale"), "copy", (c.d_model,), layer)]
 
@@ -46,9 +55,10 @@ def _check_dense(config: ModelConfig) -> None:
     if config.is_moe:
         raise ConfigError("MT5ForConditionalGeneration is a dense model; convert with num_experts=0 "
                           "(dense-to-moe upcycling is a separate step)")
-    if config.ffn_activation != "gated_gelu" or config.tie_word_embeddings:
-        raise ConfigError("MT5ForConditionalGeneration has a gated-GELU FFN and an untied head; the config has "
-                          f"ffn_activation={config.ffn_activation!r}, tie_word_embeddings={config.tie_word_embeddings}")
+    if config.ffn_activation not in _FEED_FORWARD_PROJ or config.tie_word_embeddings:
+        raise ConfigError("MT5ForConditionalGeneration is exported with a gated-GELU or ReLU FFN and an untied head; "
+                          f"the config has ffn_activation={config.ffn_activation!r}, "
+                          f"tie_word_embeddings={config.tie_word_embeddings}")
 
 
 def _describe(c: ModelConfig) -> str:
@@ -92,12 +102,11 @@ def config_from_hf(hf_config: Mapping[str, Any] | Any, **overrides) -> ModelConf
     if model_type not in ("mt5", "t5"):
         raise ConfigError(f"HF config model_type {model_type!r} is not supported; expected 'mt5' "
                           "(or a gated-gelu 't5' v1.1)")
-    if hf.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
-        raise ConfigError(f"HF config feed_forward_proj {hf['feed_forward_proj']!r} is not supported: "
-                          "CPM-2 uses 'gated-gelu'")
-    if model_type == "t5" and hf.get("tie_word_embeddings", True):
-        raise ConfigError("HF T5 config with tie_word_embeddings=true rescales the output by d_model**-0.5; "
-                          "only untied (v1.1 / mT5) models are supported")
+    activations = {v: k for k, v in _FEED_FORWARD_PROJ.items()}
+    proj = hf.get("feed_forward_proj", "gated-gelu")
+    if proj not in activations:
+        raise ConfigError(f"HF config feed_forward_proj {proj!r} is not supported: CPM-2 uses 'gated-gelu' "
+                          f"(T5 v1.0's 'relu' also converts)")
     missing = [k for k in ("vocab_size", "d_model", "d_ff", "d_kv", "num_heads", "num_layers") if k not in hf]
     if missing:
         raise ConfigError(f"HF config lacks field(s) {', '.join(missing)}")
@@ -109,6 +118,7 @@ def config_from_hf(hf_config: Mapping[str, Any] | Any, **overrides) -> ModelConf
         relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
         layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
         dropout_rate=float(hf.get("dropout_rate", 0.0)),
+        ffn_activation=activations[proj],
     )
     fields.update(overrides)
     return ModelConfig().replace(**fields)
@@ -133,9 +143,9 @@ def config_to_hf(config: ModelConfig, *, dtype: Optional[str] = None) -> dict[st
         "dropout_rate": c.dropout_rate,
         "layer_norm_epsilon": c.layer_norm_epsilon,
         "initializer_factor": 1.0,
-        "feed_forward_proj": "gated-gelu",
-        "dense_act_fn": "gelu_new",
-        "is_gated_act": True,
+        "feed_forward_proj": _FEED_FORWARD_PROJ[c.ffn_activation],
+        "dense_act_fn": "gelu_new" if c.ffn_activation == "gated_gelu" else "relu",
+        "is_gated_act": c.ffn_activation == "gated_gelu",
         "tie_word_embeddings": False,
         "is_encoder_decoder": True,
         "use_cache": True,
@@ -146,9 +156,51 @@ def config_to_hf(config: ModelConfig, *, dtype: Optional[str] = None) -> dict[st
     }
 
 
+def tied_head_scale(hf_config: Mapping[str, Any]) -> float:
+    """The factor transformers multiplies the decoder output by before a tied `lm_head`:
+    T5 (and any config with `scale_decoder_outputs`) d_model**-0.5 when that is set; MT5 1.0
+    from transformers 5 on, d_model**-0.5 before (read from config.json's transformers_version)."""
+    d = int(hf_config["d_model"])
+    if "scale_decoder_outputs" in hf_config:
+        return d ** -0.5 if hf_config["scale_decoder_outputs"] else 1.0
+    if hf_config.get("model_type", "mt5") == "t5":
+        return d ** -0.5
+    version = str(hf_config.get("transformers_version") or "5")
+    major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 5
+    return 1.0 if major >= 5 else d ** -0.5
+
+
+def untie_head(state: Mapping[str, Any], hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The state dict with an explicit `lm_head.weight`: for a tied model (config.json's
+    tie_word_embeddings, true when absent, as transformers reads it) `shared` times
+    `tied_head_scale`; an untied model must hold its own."""
+    from cpm2_jax.convert.hf_checkpoint import to_numpy
+    from cpm2_jax.errors import CheckpointError
+
+    state = dict(state)
+    tied = bool(hf_config.get("tie_word_embeddings", True))
+    if not tied:
+        if "lm_head.weight" not in state and SHARED in state:
+            raise CheckpointError("missing key 'lm_head.weight': config.json sets tie_word_embeddings=false, so the "
+                                  "output matrix must be stored; if the model was saved tied (transformers 5 saves "
+                                  "MT5 tied), set tie_word_embeddings=true in config.json")
+        return state
+    if SHARED not in state:
+        raise CheckpointError(f"missing key {SHARED!r}: a tied model (tie_word_embeddings=true) takes its output "
+                              f"matrix from it")
+    shared = to_numpy(state[SHARED])
+    scale = tied_head_scale(hf_config)
+    state["lm_head.weight"] = shared if scale == 1.0 else (shared.astype(np.float32) * np.float32(scale)).astype(
+        shared.dtype)
+    return state
+
+
 def load_hf_checkpoint(path: os.PathLike | str, **config_overrides) -> tuple[dict, ModelConfig]:
-    """(params, config) from a transformers MT5 directory; `config_overrides` as in `config_from_hf`."""
-    return load_directory(path, sys.modules[__name__], **config_overrides)
+    """(params, config) from a transformers MT5 directory, tied or not; `config_overrides` as in
+    `config_from_hf`."""
+    state, hf_config = read_hf_state_dict(path)
+    config = config_from_hf(hf_config, **config_overrides)
+    return params_from_hf_state_dict(untie_head(state, hf_config), config), config
 
 
 def save_hf_checkpoint(params, config: ModelConfig, path: os.PathLike | str, *, overwrite: bool = False,

@@ -54,7 +54,8 @@ def test_bfloat16_checkpoint(hf_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["convert", "from-hf", "{tmp}/nowhere", "{tmp}/out"], "does not exist"),
-    (["convert", "to-hf", "{tmp}/nowhere", "{tmp}/out"], "is not a converted checkpoint"),
+    (["convert", "to-hf", "{tmp}/nowhere", "{tmp}/out"], "does not exist"),
+    (["convert", "to-hf", "{tmp}/full", "{tmp}/out"], "no checkpoint found"),
     (["convert", "from-hf", "{src}", "{tmp}/full"], "not empty"),
     (["convert", "to-hf", "{tmp}/full", "{tmp}/out", "--max_shard_bytes", "0"], "--max_shard_bytes"),
 ])

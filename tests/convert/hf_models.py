@@ -16,6 +16,18 @@ from cpm2_jax.convert import config_to_hf
 TEST_CONFIG = get_config("tiny", head_dim=8, num_decoder_layers=3)
 
 
+def _spread(model) -> None:
+    """Matrices N(0, 1/fan_in); norm scales, embeddings and relative-position biases N(0, 0.5)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and name != "shared.weight" and "relative_attention_bias" not in name:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+            else:
+                p.normal_(0.0, 0.5)
+
+
 def random_mt5(config: ModelConfig = TEST_CONFIG, seed: int = 0):
     """An eval-mode MT5ForConditionalGeneration with an untied output head and random weights."""
     import torch
@@ -26,14 +38,27 @@ def random_mt5(config: ModelConfig = TEST_CONFIG, seed: int = 0):
     # transformers 5.x forces MT5Config.tie_word_embeddings=True; CPM-2's head is untied.
     model.lm_head.weight = torch.nn.Parameter(torch.empty(config.vocab_size, config.d_model))
     model.config.tie_word_embeddings = False
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and name != "shared.weight" and "relative_attention_bias" not in name:
-                p.normal_(0.0, p.shape[1] ** -0.5)
-            else:
-                p.normal_(0.0, 0.5)
+    _spread(model)
     assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
     assert model.encoder.embed_tokens.weight.data_ptr() == model.shared.weight.data_ptr()
+    return model.eval()
+
+
+def random_tied_mt5(config: ModelConfig = TEST_CONFIG, seed: int = 0, model_type: str = "mt5"):
+    """An eval-mode MT5 (or T5) ForConditionalGeneration as transformers 5 builds it by default:
+    tied (`lm_head` is `shared`; `save_pretrained` writes no lm_head.weight), random weights."""
+    import torch
+    import transformers
+
+    from cpm2_jax.convert import config_to_hf
+
+    torch.manual_seed(seed)
+    hf_config = {**config_to_hf(config), "tie_word_embeddings": True, "model_type": model_type}
+    config_cls, model_cls = ((transformers.MT5Config, transformers.MT5ForConditionalGeneration) if model_type == "mt5"
+                             else (transformers.T5Config, transformers.T5ForConditionalGeneration))
+    model = model_cls(config_cls(**hf_config))
+    _spread(model)
+    assert model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr()
     return model.eval()
 
 

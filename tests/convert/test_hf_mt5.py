@@ -66,7 +66,7 @@ def test_config_round_trip(hf_model):
 
 def test_config_rejects_other_architectures():
     with pytest.raises(ConfigError, match="feed_forward_proj"):
-        config_from_hf({**config_to_hf(TEST_CONFIG), "feed_forward_proj": "relu"})
+        config_from_hf({**config_to_hf(TEST_CONFIG), "feed_forward_proj": "gated-silu"})
     with pytest.raises(ConfigError, match="model_type"):
         config_from_hf({**config_to_hf(TEST_CONFIG), "model_type": "bart"})
 

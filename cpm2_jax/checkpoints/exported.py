@@ -1,0 +1,33 @@
+"""Exported checkpoints: one step directory holding params only, for `cpm2 convert` and any
+tool that hands a model on (same layout and reader as a training step)."""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Mapping, Optional
+
+import numpy as np
+
+from cpm2_jax.checkpoints import items, layout
+from cpm2_jax.config import ModelConfig
+
+
+def save_params(params, config: ModelConfig, path: os.PathLike | str, *, overwrite: bool = False,
+                vocabulary: Optional[layout.VocabularySpec] = None, extra: Optional[Mapping] = None) -> pathlib.Path:
+    """Writes `params` (gathered to host), `config` and the vocabulary file (if any) as a step
+    directory at `path`, all-or-nothing; an existing non-empty `path` only with `overwrite`."""
+    import flax.linen as nn
+    import jax
+    import orbax.checkpoint as ocp
+
+    from cpm2_jax.convert.atomic import atomic_directory
+
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), nn.unbox(params))
+    args = items.save_args({"params": host}, layout.config_record(config, extra=extra), vocabulary=vocabulary)
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+        try:
+            checkpointer.save(tmp, args=args, force=True)
+        finally:
+            checkpointer.close()
+    return pathlib.Path(path)
