@@ -73,6 +73,16 @@ def _apply_cached(module: nn.Module, params, cache, *args):
     return out, variables["cache"]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _shape_cache(module: nn.Module, params, x, encoded):
+    """A decoder layer's cache after the cache-shaping pass (decode=True, no cache yet): the
+    self-attention's reset to zeros, the cross-attention's kept as the pass wrote them."""
+    _, variables = module.apply({"params": params}, x, encoded, 0.0, 0.0, mutable=["cache"])
+    cache = dict(variables["cache"])
+    cache["self_attention"] = jax.tree.map(jnp.zeros_like, cache["self_attention"])
+    return cache
+
+
 @jax.jit
 def _residual(x, y):
     return x + y.astype(x.dtype)
@@ -153,11 +163,12 @@ class SteppedModel:
 
     # ------------------------------------------------------------------ decoder
     def init_state(self, encoded, encoder_input_tokens, max_length: int) -> dict:
-        """Decoding state: per-layer caches (decoding.init_cache's, split by layer), the step
-        index and the cross-attention bias."""
+        """Decoding state: per-layer caches from the attention's cache-shaping pass (as
+        decoding.init_cache: self-attention keys/values zero, cross-attention ones as that pass
+        leaves them), the step index and the cross-attention bias."""
         tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
-        cache = decoding.init_cache(self.config, self.params, encoded, tokens, max_length)["decoder"]
-        layers = [_layer_tree(cache, i, self.config.scan_layers) for i in range(self.num_layers("decoder"))]
+        x = jnp.zeros((encoded.shape[0], max_length, self.config.d_model), encoded.dtype)
+        layers = [_shape_cache(self._dec_attention, lp, x, encoded) for lp in self.layers["decoder"]]
         cross = mask_to_bias(attention_mask(None, tokens > 0))
         return {"layers": layers, "index": jnp.zeros((), jnp.int32), "encoded": encoded, "cross_bias": cross}
 

@@ -1,0 +1,307 @@
+"""The InfMoE runner: an MoE model decoded with its experts in host memory and at most K of
+them on the device, loads overlapped with expert computation (CPM2_FACTS "InfMoE").
+
+Per MoE layer (`OffloadRunner.moe_ffn`, called by the layer-stepped model between layers):
+route on the device, read the token counts, order the experts with tokens (`schedule`:
+InfMoE, or in order as the public release), then a transfer thread moves the missing experts
+over the link in that order (each into a free slot, waiting for one when all K are in use)
+while the main thread dispatches each expert's computation as soon as its weights are in;
+a third thread sees computations finish and frees their slots. Experts with no tokens never
+move. Beyond InfMoE: an LRU cache of experts across layers and decoding steps inside the K
+slots (`cache="lru"`), prefetch of the next MoE layer's likely experts from the next
+router applied to the current hidden state (`prefetch`), int8 transfer (`int8`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import queue
+import threading
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpm2_jax.config import ModelConfig, dtype_of
+from cpm2_jax.errors import ConfigError
+from cpm2_jax.offload import schedule as S
+from cpm2_jax.offload import split_moe
+from cpm2_jax.offload.stepped import STACKS, SteppedModel
+from cpm2_jax.offload.store import DeviceSlots, ExpertStore, Layout, Link, unpack
+
+SCHEDULES = ("infmoe", "inorder")
+CACHES = ("lru", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadOptions:
+    device_experts: int  # K: expert slots on the device
+    schedule: str = "infmoe"
+    cache: str = "none"
+    prefetch: bool = False
+    int8: bool = False
+    bandwidth: Optional[float] = None  # bytes/s of the modelled link (None: the real one)
+
+
+@dataclasses.dataclass
+class Stats:
+    loads: int = 0
+    bytes_moved: int = 0
+    needed: int = 0  # experts a layer computed
+    hits: int = 0  # ... of which were already on the device (or on their way: prefetched)
+    prefetches: int = 0
+    transfer_time: float = 0.0
+    wait_time: float = 0.0  # the main thread waiting for weights
+    moe_time: float = 0.0  # wall time of the MoE layers (route to output)
+    lower_bound: float = 0.0  # sum over layers of max(sum of compute, sum of loads)
+    layers: int = 0
+    timeline: list = dataclasses.field(default_factory=list)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.needed if self.needed else 0.0
+
+    @property
+    def efficiency(self) -> float:
+        return self.lower_bound / self.moe_time if self.moe_time else 0.0
+
+
+def check_options(config: ModelConfig, options: OffloadOptions) -> None:
+    if not config.is_moe:
+        raise ConfigError("the checkpoint is a dense model (num_experts = 0): nothing to offload; "
+                          "use `cpm2 infer` for dense checkpoints")
+    k = options.device_experts
+    if not 1 <= k <= config.num_experts:
+        raise ConfigError(f"--device_experts must be between 1 and the number of experts per layer "
+                          f"({config.num_experts}), got {k}")
+    if options.schedule not in SCHEDULES:
+        raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {options.schedule!r}")
+    if options.cache not in CACHES:
+        raise ConfigError(f"--cache must be one of {', '.join(CACHES)}, got {options.cache!r}")
+
+
+def split_experts(config: ModelConfig, params: dict) -> tuple[dict, dict]:
+    """(params without expert weights, {(stack, layer): that layer's experts {name: [E, ...]}} as
+    host arrays): the resident part and what the store keeps on the host."""
+    import flax.linen as nn
+
+    params = nn.meta.unbox(params)
+    experts, resident = {}, {}
+    for stack in STACKS:
+        tree = dict(params[stack])
+        n = config.num_encoder_layers if stack == "encoder" else config.num_decoder_layers
+        if config.scan_layers:
+            layers = dict(tree["layers"])
+            if "moe" in layers:
+                stacked = {k: np.asarray(v) for k, v in layers["moe"]["experts"].items()}
+                for i in range(n):
+                    experts[(stack, i)] = {k: v[i] for k, v in stacked.items()}
+                layers["moe"] = {k: v for k, v in layers["moe"].items() if k != "experts"}
+            tree["layers"] = layers
+        else:
+            for i in range(n):
+                layer = dict(tree[f"layers_{i}"])
+                if "moe" in layer:
+                    experts[(stack, i)] = {k: np.asarray(v) for k, v in layer["moe"]["experts"].items()}
+                    layer["moe"] = {k: v for k, v in layer["moe"].items() if k != "experts"}
+                tree[f"layers_{i}"] = layer
+        resident[stack] = tree
+    for key in params:
+        resident.setdefault(key, params[key])
+    return resident, experts
+
+
+@functools.partial(jax.jit, static_argnames=("tile", "activation", "dtype", "layout"), donate_argnums=(0,))
+def _packed_step(out, rows, offset, count, buffer, *, tile: int, activation: str, dtype: str, layout: Layout):
+    """One expert from its packed buffer (unpacked / dequantised here, on the device); returns
+    the updated output and a scalar that is ready when the computation is done."""
+    weights = unpack(buffer, layout, dtype_of(dtype))
+    out = split_moe.add_expert_output(out, rows, offset, count, weights, tile=tile, activation=activation,
+                                      dtype=dtype_of(dtype))
+    return out, out[0, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Compute time of an expert with n tokens, overhead + n * per_token (seconds), and the load
+    time of one expert (bytes / bandwidth): the schedule's c_i and b."""
+
+    overhead: float
+    per_token: float
+    load: float
+
+    def compute(self, n: int) -> float:
+        return self.overhead + self.per_token * n if n > 0 else 0.0
+
+
+class OffloadRunner:
+    """Decoding with the experts of `params` in host memory and `options.device_experts` slots."""
+
+    def __init__(self, config: ModelConfig, params: dict, options: OffloadOptions, device=None,
+                 cost: Optional[CostModel] = None):
+        check_options(config, options)
+        self.config, self.options = config, options
+        self.device = device or jax.devices()[0]
+        resident, experts = split_experts(config, params)
+        self.store = ExpertStore(config, experts, int8=options.int8, device=self.device)
+        self.model = SteppedModel(config, jax.device_put(resident, self.device), moe_ffn=self.moe_ffn)
+        self.order = self.model.moe_layers()
+        self.slots = DeviceSlots(options.device_experts)
+        self.link = Link(self.device, options.bandwidth)
+        self.stats = Stats()
+        self._transfers: queue.Queue = queue.Queue()
+        self._releases: queue.Queue = queue.Queue()
+        self._t0 = time.perf_counter()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._transfer_loop, self._release_loop)]
+        for t in self._threads:
+            t.start()
+        self.cost = cost or self.calibrate()
+
+    # ------------------------------------------------------------------ threads
+    def _now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def _transfer_loop(self):
+        while True:
+            item = self._transfers.get()
+            if item is None:
+                return
+            key, prefetch = item
+            if key in self.slots:  # already there or on its way (an earlier prefetch)
+                continue
+            if not self.slots.reserve(key, wait=not prefetch):
+                continue
+            start = self._now()
+            buf = self.link.transfer(self.store.buffers[key[:2]][key[2]])
+            end = self._now()
+            self.slots.fill(key, buf)
+            with self._lock:
+                self.stats.loads += 1
+                self.stats.prefetches += int(prefetch)
+                self.stats.bytes_moved += self.store.expert_bytes
+                self.stats.transfer_time += end - start
+                self.stats.timeline.append(("load", key, start, end))
+
+    def _release_loop(self):
+        while True:
+            item = self._releases.get()
+            if item is None:
+                return
+            key, done, start = item
+            done.block_until_ready()
+            end = self._now()
+            self.slots.unpin(key, keep=self.options.cache == "lru")
+            with self._lock:
+                self.stats.timeline.append(("compute", key, start, end))
+
+    def close(self) -> None:
+        self._transfers.put(None)
+        self._releases.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
+        self.slots.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ one MoE layer
+    def _next_layer(self, stack: str, index: int):
+        i = self.order.index((stack, index))
+        return self.order[(i + 1) % len(self.order)]
+
+    def moe_ffn(self, stack: str, index: int, h: jax.Array) -> jax.Array:
+        c, opts = self.config, self.options
+        begin = time.perf_counter()
+        routed = split_moe.route(c, self.model.moe_params(stack, index)["router"], h)
+        predicted = None
+        if opts.prefetch:
+            nxt = self._next_layer(stack, index)
+            predicted = (nxt, split_moe.route(c, self.model.moe_params(*nxt)["router"], h).counts)
+        counts = np.asarray(routed.counts)
+        active = [e for e in range(c.num_experts) if counts[e] > 0]
+        keys = {e: (stack, index, e) for e in active}
+        for e in active:
+            self.slots.pin(keys[e])
+        cached = [e for e in active if keys[e] in self.slots]
+        compute = [self.cost.compute(int(n)) for n in counts]
+        if opts.schedule == "infmoe":
+            order = S.infmoe_order(compute, self.cost.load, opts.device_experts, experts=active, resident=cached)
+        else:
+            order = cached + S.inorder([e for e in active if e not in cached])
+        for e in order:
+            if e not in cached:
+                self._transfers.put((keys[e], False))
+        if predicted is not None:
+            nxt, pred_counts = predicted
+            pred_counts = np.asarray(pred_counts)
+            likely = [e for e in np.argsort(-pred_counts, kind="stable") if pred_counts[e] > 0]
+            for e in likely[:opts.device_experts]:
+                self._transfers.put((nxt + (int(e),), True))
+        out = split_moe.empty_output(routed)
+        starts = split_moe.offsets(counts)
+        waited = 0.0
+        for e in order:
+            event = self.slots.event(keys[e])
+            t = time.perf_counter()
+            event.wait()
+            waited += time.perf_counter() - t
+            n = int(counts[e])
+            out, done = _packed_step(out, routed.rows, jnp.int32(starts[e]), jnp.int32(n), self.slots.get(keys[e]),
+                                     tile=split_moe.bucket(n), activation=c.ffn_activation, dtype=c.dtype,
+                                     layout=self.store.layout)
+            self._releases.put((keys[e], done, self._now()))
+        y = split_moe.combine(out, routed, c.dtype).block_until_ready()
+        elapsed = time.perf_counter() - begin
+        streamed = len(active) - len(cached)
+        with self._lock:
+            st = self.stats
+            st.needed += len(active)
+            st.hits += len(cached)
+            st.wait_time += waited
+            st.moe_time += elapsed
+            st.layers += 1
+            st.lower_bound += max(sum(compute), streamed * self.cost.load)
+        return y
+
+    # ------------------------------------------------------------------ calibration
+    def calibrate(self, reps: int = 3) -> CostModel:
+        """Times one expert on 1 and 64 tokens (weights on the device) and one transfer over the
+        link: the schedule's compute and load estimates."""
+        c = self.config
+        key = next(iter(self.store.buffers))
+        buf = self.link.transfer(self.store.buffers[key][0])
+        start = time.perf_counter()
+        for _ in range(reps):
+            buf = self.link.transfer(self.store.buffers[key][0])
+        load = (time.perf_counter() - start) / reps
+        times = {}
+        for n in (1, 64):
+            rows = jnp.zeros((2 * n, c.d_model), jnp.float32)
+            out = jnp.zeros_like(rows)
+            for i in range(reps + 1):
+                if i == 1:
+                    start = time.perf_counter()
+                out, done = _packed_step(out, rows, jnp.int32(0), jnp.int32(n), buf, tile=n,
+                                         activation=c.ffn_activation, dtype=c.dtype, layout=self.store.layout)
+                done.block_until_ready()
+            times[n] = (time.perf_counter() - start) / reps
+        per_token = max(0.0, (times[64] - times[1]) / 63)
+        buf.delete()
+        return CostModel(overhead=max(times[1] - per_token, 0.0), per_token=per_token, load=load)
+
+    # ------------------------------------------------------------------ decoding
+    def greedy(self, encoder_input_tokens, *, max_new_tokens: int, min_new_tokens: int = 0):
+        return self.model.greedy(encoder_input_tokens, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+
+    def beam_search(self, encoder_input_tokens, **kwargs):
+        return self.model.beam_search(encoder_input_tokens, **kwargs)
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self.stats = Stats()

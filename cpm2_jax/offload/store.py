@@ -1,0 +1,277 @@
+"""Expert weights in host memory, the link that moves them, and the K device slots they land in.
+
+- `pack_expert`: one expert's weights (its RMSNorm scale and FFN matrices) in one contiguous
+  host buffer, so a load is one transfer; `--int8` packs the matrices as int8 with one float32
+  scale per output column (BMInf's per-row scales of W^T), dequantised on the device
+  (`unpack`, inside the expert's jitted computation).
+- `ExpertStore`: every MoE layer's experts packed, in `pinned_host` memory where the platform
+  has that memory kind apart from the device's (GPUs); numpy buffers otherwise.
+- `Link`: host -> device. `bandwidth=None` is the real link (`device_put` from pinned host
+  memory); a bandwidth in bytes/s is the link model for machines whose host and device are one
+  RAM (CPU): a copy thread paced to that rate, so that scheduling is measured honestly.
+- `DeviceSlots`: at most K expert buffers on the device at any time (counted: `peak`), LRU
+  among those not in use; an evicted buffer is deleted before another load takes its slot, so
+  the allocator reuses the same memory.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpm2_jax.config import ModelConfig
+
+_F32 = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str
+    shape: tuple
+    kind: str  # "float" (the buffer's dtype), "int8" (bytes) or "f32" (4-byte groups)
+    offset: int  # in buffer elements
+    size: int  # in buffer elements
+    scale: Optional[str] = None  # int8: the entry holding its column scales
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each weight sits in a packed expert buffer of `dtype` and `total` elements."""
+
+    entries: tuple
+    dtype: str
+    total: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.total * np.dtype(self.dtype).itemsize
+
+
+def quantize_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w [..., n] -> (int8 q, float32 scale [n]) with w ~ q * scale, scale = max|w[:, j]| / 127."""
+    w = np.asarray(w, np.float32)
+    scale = np.abs(w).reshape(-1, w.shape[-1]).max(axis=0) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
+
+
+def pack_expert(weights: dict, int8: bool = False) -> tuple[np.ndarray, Layout]:
+    """One contiguous buffer holding `weights` {name: array}; int8: matrices quantised per column."""
+    names = sorted(weights)
+    if not int8:
+        dtype = np.result_type(*[np.asarray(weights[n]).dtype for n in names])
+        parts, entries, off = [], [], 0
+        for n in names:
+            a = np.asarray(weights[n], dtype).ravel()
+            entries.append(Entry(n, tuple(np.shape(weights[n])), "float", off, a.size))
+            parts.append(a)
+            off += a.size
+        return np.concatenate(parts), Layout(tuple(entries), np.dtype(dtype).name, off)
+    chunks, entries, off = [], [], 0
+
+    def put(name, shape, kind, data: np.ndarray, scale=None):
+        nonlocal off
+        raw = np.frombuffer(np.ascontiguousarray(data).tobytes(), np.uint8)
+        pad = (-off) % _F32  # float groups start on a 4-byte boundary
+        if pad:
+            chunks.append(np.zeros(pad, np.uint8))
+            off += pad
+        entries.append(Entry(name, tuple(shape), kind, off, raw.size, scale))
+        chunks.append(raw)
+        off += raw.size
+
+    for n in names:
+        w = np.asarray(weights[n])
+        if w.ndim >= 2:
+            q, scale = quantize_columns(w)
+            put(n, w.shape, "int8", q, scale=f"{n}/scale")
+            put(f"{n}/scale", scale.shape, "f32", scale)
+        else:
+            put(n, w.shape, "f32", w.astype(np.float32))
+    return np.concatenate(chunks), Layout(tuple(entries), "uint8", off)
+
+
+def unpack(buffer: jax.Array, layout: Layout, dtype=jnp.float32) -> dict:
+    """The weights {name: array} of a packed buffer (traceable: runs inside the expert's jit)."""
+    raw = {}
+    for e in layout.entries:
+        part = buffer[e.offset:e.offset + e.size]
+        if e.kind == "float":
+            raw[e.name] = part.reshape(e.shape)
+        elif e.kind == "int8":
+            raw[e.name] = jax.lax.bitcast_convert_type(part, jnp.int8).reshape(e.shape)
+        else:
+            raw[e.name] = jax.lax.bitcast_convert_type(part.reshape(-1, _F32), jnp.float32).reshape(e.shape)
+    out = {}
+    for e in layout.entries:
+        if e.name.endswith("/scale"):
+            continue
+        if e.kind == "int8":
+            out[e.name] = (raw[e.name].astype(jnp.float32) * raw[e.scale]).astype(dtype)
+        else:
+            out[e.name] = raw[e.name]
+    return out
+
+
+def host_memory_kind(device) -> Optional[str]:
+    """`pinned_host` where the device has it as a memory apart from its own (GPU/TPU); None on
+    the CPU, where every memory kind is the same RAM."""
+    if device.platform == "cpu":
+        return None
+    kinds = {m.kind for m in device.addressable_memories()}
+    return "pinned_host" if "pinned_host" in kinds else None
+
+
+class ExpertStore:
+    """Every MoE layer's experts packed in host memory: `buffers[(stack, layer)][e]`."""
+
+    def __init__(self, config: ModelConfig, moe_layers: dict, *, int8: bool = False, device=None):
+        """moe_layers: {(stack, layer): the layer's stacked expert weights {name: [E, ...]}}."""
+        self.config, self.int8 = config, int8
+        self.device = device or jax.devices()[0]
+        self.memory_kind = host_memory_kind(self.device)
+        self.buffers, self.layout = {}, None
+        for key, experts in moe_layers.items():
+            host = {n: np.asarray(a) for n, a in experts.items()}
+            row = []
+            for e in range(config.num_experts):
+                buf, layout = pack_expert({n: a[e] for n, a in host.items()}, int8=int8)
+                self.layout = layout
+                if self.memory_kind:
+                    buf = jax.device_put(buf, jax.sharding.SingleDeviceSharding(self.device,
+                                                                                memory_kind=self.memory_kind))
+                row.append(buf)
+            self.buffers[key] = row
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.layout.nbytes
+
+
+class Link:
+    """Host -> device transfers of packed experts: the real link, or a paced copy (`bandwidth`
+    bytes/s) where host and device share one RAM."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, device, bandwidth: Optional[float] = None):
+        if bandwidth is not None and bandwidth <= 0:
+            raise ValueError(f"link bandwidth must be > 0 bytes/s, got {bandwidth}")
+        self.device, self.bandwidth = device, bandwidth
+        self.sharding = jax.sharding.SingleDeviceSharding(device)
+
+    def transfer(self, buffer) -> jax.Array:
+        """Moves one buffer and returns it on the device once it is there (blocking)."""
+        if self.bandwidth is None:
+            out = jax.device_put(buffer, self.sharding)
+            return out.block_until_ready()
+        src = np.asarray(buffer)
+        dst = np.empty_like(src)
+        flat_src, flat_dst = src.reshape(-1).view(np.uint8), dst.reshape(-1).view(np.uint8)
+        start = time.perf_counter()
+        for lo in range(0, flat_src.size, self.CHUNK):
+            hi = min(lo + self.CHUNK, flat_src.size)
+            flat_dst[lo:hi] = flat_src[lo:hi]
+            delay = start + hi / self.bandwidth - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        return jax.device_put(dst, self.sharding).block_until_ready()
+
+
+class DeviceSlots:
+    """At most `k` expert buffers on the device. Keys are (stack, layer, expert); an entry is
+    pinned while its layer needs it; unpinned entries stay (a cache) until evicted, least
+    recently used first, or are dropped at once with `keep=False`."""
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise ValueError(f"need at least one device slot, got {k}")
+        self.k = k
+        self.entries: collections.OrderedDict = collections.OrderedDict()  # key -> buffer | None (loading)
+        self.pins: collections.Counter = collections.Counter()
+        self.events: dict = {}  # key -> threading.Event, set once its buffer is on the device
+        self.loaded: set = set()
+        self.cond = threading.Condition()
+        self.peak = 0
+        self.evictions = 0
+
+    def __contains__(self, key) -> bool:
+        return key in self.entries
+
+    def live(self) -> int:
+        return len(self.entries)
+
+    def pin(self, key) -> None:
+        with self.cond:
+            self.pins[key] += 1
+            if key in self.entries:
+                self.entries.move_to_end(key)
+
+    def unpin(self, key, keep: bool = True) -> None:
+        with self.cond:
+            self.pins[key] -= 1
+            if self.pins[key] <= 0:
+                del self.pins[key]
+                if not keep and key in self.loaded:
+                    self._evict(key)
+            self.cond.notify_all()
+
+    def _evict(self, key) -> None:
+        buf = self.entries.pop(key)
+        self.loaded.discard(key)
+        self.events.pop(key, None)
+        if buf is not None:
+            buf.delete()
+        self.evictions += 1
+
+    def _victim(self):
+        for key in self.entries:  # least recently used first
+            if key not in self.pins and key in self.loaded:
+                return key
+        return None
+
+    def reserve(self, key, wait: bool = True) -> bool:
+        """A slot for `key` (evicting the LRU unpinned entry if all are taken); blocks until one
+        frees up unless `wait` is False (then returns False)."""
+        with self.cond:
+            while len(self.entries) >= self.k:
+                victim = self._victim()
+                if victim is not None:
+                    self._evict(victim)
+                    break
+                if not wait:
+                    return False
+                self.cond.wait()
+            self.entries[key] = None
+            self.events.setdefault(key, threading.Event())
+            self.peak = max(self.peak, len(self.entries))
+            return True
+
+    def fill(self, key, buffer) -> None:
+        with self.cond:
+            self.entries[key] = buffer
+            self.loaded.add(key)
+            self.events[key].set()
+            self.cond.notify_all()
+
+    def event(self, key) -> threading.Event:
+        """Set once `key`'s buffer is on the device (may be asked for before its load starts)."""
+        with self.cond:
+            return self.events.setdefault(key, threading.Event())
+
+    def get(self, key):
+        with self.cond:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+
+    def clear(self) -> None:
+        with self.cond:
+            for key in list(self.entries):
+                self._evict(key)
+            self.evictions = 0
