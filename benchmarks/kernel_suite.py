@@ -221,8 +221,9 @@ def run_suite(*, contenders: dict, ours: str, tokens_list: list, shape: dict, sk
             runs.append(entry)
     result = {"correctness": correctness, "runs": runs}
     if layer_backends and layer_tokens:
+        backends = time_moe_layer(layer_backends, layer_tokens, shape, dtype, reps, peak)
         result["moe_layer_fwd_bwd"] = {"tokens": layer_tokens, "router": "top_k k=1 (capacity for all tokens)",
-                                       "backends": time_moe_layer(layer_backends, layer_tokens, shape, dtype, reps, peak)}
+                                       "backends": backends}
         log(f"MoE layer fwd+bwd: {result['moe_layer_fwd_bwd']}")
     return result
 

@@ -108,7 +108,9 @@ def _moe_loss_and_grads(backend, mesh=None):
 def test_moe_layer_with_pallas_equals_xla_on_one_device_and_on_an_expert_mesh():
     """backend="pallas" (kernels in interpret mode on CPU) gives the MoE block's outputs and
     gradients of backend="xla" (ragged_dot; tests/moe/test_layer.py ties that to padded and
-    einsum), on one device and on the data=2, expert=4 mesh (one kernel per expert shard)."""
+    einsum), on one device and on the data=2, expert=4 mesh (one kernel per expert shard).
+    Slow (~50 s of CPU time, 101 s for this file with tests/kernels): three MoE-layer compiles,
+    two with interpret-mode kernels; it is the issue's end-to-end acceptance check."""
     from cpm2_jax.partitioning import cpu_test_mesh
 
     want = _moe_loss_and_grads("xla")
