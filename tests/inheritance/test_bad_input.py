@@ -29,3 +29,12 @@ def test_one_line_exit_2(flags, expected, tmp_path, capsys, shared_data):
     assert err.startswith("cpm2 train: error: ") and expected in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # a rejected run leaves nothing behind
+
+
+def test_teacher_topk_command_names_its_missing_macros(capsys):
+    code = cli.main(["teacher-topk", "--gin_file=models/tiny.gin", "--gin_file=runs/ki_pretrain.gin",
+                     "--gin_file=runs/teacher_topk.gin", "--gin_file=tests/gin/byte_pairs.gin",
+                     "--gin.TRAIN_STEPS=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("cpm2 teacher-topk: error: ") and len(err.strip().splitlines()) == 1, err
+    assert err.split("not set: ")[1].split(".")[0] == "TEACHER_CHECKPOINT_PATH, TEACHER_OUTPUTS", err
