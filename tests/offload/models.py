@@ -13,14 +13,14 @@ from cpm2_jax.model.transformer import EncoderDecoder
 
 @functools.lru_cache(maxsize=None)
 def tiny(moe: bool = True, scan: bool = False, experts: int = 4, vocab: int = 96, seed: int = 0, sparse_step: int = 1,
-         std: float = 0.3):
+         std: float = 0.3, spread: bool = True):
     size = "cpm2_moe_tiny" if moe else "tiny"
     kw = dict(num_experts=experts, moe_encoder_sparse_step=sparse_step,
               moe_decoder_sparse_step=sparse_step) if moe else {}
     c = get_config(size, vocab_size=vocab, init_std=std, scan_layers=scan, **kw)
     enc = jnp.ones((1, 4), jnp.int32)
     params = nn.meta.unbox(EncoderDecoder(c).init(jax.random.PRNGKey(seed), enc, enc)["params"])
-    if moe:  # experts of one layer differ (upcycled-alike weights would route trivially)
+    if moe and spread:  # experts of one layer differ more (upcycled-alike weights would route trivially)
         def spread(path, a):
             names = [getattr(k, "key", "") for k in path]
             if "experts" in names and a.ndim >= 2:
