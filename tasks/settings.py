@@ -115,14 +115,18 @@ def vocabulary_path() -> pathlib.Path:
     return auto_vocabulary()
 
 
-def _corpus_texts(max_chars: int = 4_000_000):
-    """Text for the automatic vocabulary: the data dir's zh/en monolingual files, else the demo corpus."""
+def _corpus_files() -> list[pathlib.Path]:
+    """The data dir's zh/en monolingual files the automatic vocabulary is trained on (may be none)."""
     try:
         root = data_dir()
     except ConfigError:
-        root = None
-    files = [root / name for name in ("zh_mono.jsonl", "en_mono.jsonl")] if root else []
-    files = [f for f in files if f.is_file()]
+        return []
+    return [f for f in (root / "zh_mono.jsonl", root / "en_mono.jsonl") if f.is_file()]
+
+
+def _corpus_texts(max_chars: int = 4_000_000):
+    """Text for the automatic vocabulary: the data dir's zh/en monolingual files, else the demo corpus."""
+    files = _corpus_files()
     if not files:
         from cpm2_jax.tasks import demo_corpus
 
@@ -146,6 +150,9 @@ AUTO_VOCAB_SETTINGS = {"recipe": 2, "vocab_size": AUTO_VOCAB_SIZE, "character_co
                        "model_type": "unigram", "seed": 0, "max_chars": 4_000_000}
 
 
+_AUTO_VOCAB_PATHS: dict[str, pathlib.Path] = {}
+
+
 def auto_vocabulary() -> pathlib.Path:
     """A sentencepiece vocabulary trained once on local text and cached (about a minute).
 
@@ -157,6 +164,12 @@ def auto_vocabulary() -> pathlib.Path:
 
     from cpm2_jax.tasks import vocabulary
 
+    # The content hash reads the text (~1 s): once per process for unchanged files and settings.
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in _corpus_files()]
+    memo_key = json.dumps([stats, str(cache_dir()), AUTO_VOCAB_SETTINGS], sort_keys=True)
+    known = _AUTO_VOCAB_PATHS.get(memo_key)
+    if known is not None and known.is_file():
+        return known
     texts = list(_corpus_texts(AUTO_VOCAB_SETTINGS["max_chars"]))
     digest = hashlib.sha256(json.dumps(AUTO_VOCAB_SETTINGS, sort_keys=True).encode())
     for text in texts:
@@ -174,6 +187,7 @@ def auto_vocabulary() -> pathlib.Path:
             model_type=AUTO_VOCAB_SETTINGS["model_type"], seed=AUTO_VOCAB_SETTINGS["seed"])
         os.replace(model, target)
         partial.with_suffix(".vocab").unlink(missing_ok=True)
+    _AUTO_VOCAB_PATHS[memo_key] = target
     return target
 
 
