@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 Example = dict[str, np.ndarray]
 
 
+def resolved(vocabulary: seqio.Vocabulary) -> seqio.Vocabulary:
+    """The vocabulary a deferred `settings.ConfiguredVocabulary` stands for (resolved once)."""
+    return getattr(vocabulary, "resolved", vocabulary)
+
+
 def name_key(name: str) -> int:
     """A stable integer for a task name (Python's `hash` of a str changes per process)."""
     return zlib.crc32(name.encode("utf-8"))
@@ -141,8 +146,8 @@ class TextToTextStream(ExampleStream):
     def __init__(self, task: seqio.Task, split: str, lengths, order_args: dict, warn: _OnceWarner):
         super().__init__(task.name, lengths, warn)
         self._records = list(task.source.records(split))
-        self._vocab = task.output_features["targets"].vocabulary
-        self._input_vocab = task.output_features["inputs"].vocabulary
+        self._vocab = resolved(task.output_features["targets"].vocabulary)
+        self._input_vocab = resolved(task.output_features["inputs"].vocabulary)
         self.order = RecordOrder(task.name, len(self._records), **order_args)
         self._next: tuple[int, int] | None = (0, 0)
 
@@ -169,7 +174,7 @@ class SpanCorruptionStream(ExampleStream):
                  warn: _OnceWarner, seed: int, noise_density: float, mean_noise_span_length: float):
         super().__init__(task.name, lengths, warn)
         self.corpus = corpus
-        self._vocab = task.output_features["targets"].vocabulary
+        self._vocab = resolved(task.output_features["targets"].vocabulary)
         self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
         self.chunk_length, _ = span_corruption.chunk_length_for(lengths["inputs"], noise_density,
                                                                 mean_noise_span_length)
