@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--scan_layers", action="store_true",
                         help="nn.scan over layers in both variants (as the 11B configs): compiles ~10x faster")
     parser.add_argument("--execute", action="store_true", help="also run one step per variant: peak RSS check")
+    parser.add_argument("--results", default=str(RESULTS), help="where the JSON report goes")
     parser.add_argument("--child", choices=["full", "prompt"], help=argparse.SUPPRESS)
     parser.add_argument("--remat_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -139,7 +140,7 @@ def main() -> None:
               "memory_ratio_met": rows[default]["memory_ratio"] <= 0.45, "default_remat": default,
               "by_remat": rows, "paper": "prompt tuning at 46-76% of full fine-tuning's GPU memory",
               "machine": machine_info()}
-    write_report(report, RESULTS)
+    write_report(report, args.results)
 
 
 if __name__ == "__main__":
