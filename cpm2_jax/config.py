@@ -56,8 +56,18 @@ class ModelConfig:
     # Mixture of experts (0 = dense). Filled in by the MoE configs.
     num_experts: int = 0
     moe_router: str = "balanced"
-    # auto | xla (alias ragged_dot) | padded | einsum | pallas (cpm2_jax.kernels); moe.grouped_matmul
+    # auto | xla (alias ragged_dot) | padded | einsum | pallas (cpm2_jax.kernels); moe.grouped_matmul.
+    # `auto` = ragged_dot on GPU, padded on CPU (and under expert parallelism): it does not take
+    # pallas until a device run of benchmarks/kernels_gpu.py / kernels_tpu.py has shown the
+    # kernels compile and win (none has yet); pallas is used only when asked for by name.
     moe_backend: str = "auto"
+    # With moe_backend="pallas": the token permutation (sort-by-expert gather, weighted combine)
+    # as Pallas kernels (moe.dispatch; False: jnp.take and a weighted sum), and the fused
+    # gated-GELU expert block (kernels.ffn: one kernel for gelu(x W0) * (x W1), then the third
+    # gmm; a, b and h recomputed in the backward instead of stored). The fused block is off by
+    # default until a device run (benchmarks/kernels_gpu.py) measures it faster than unfused.
+    moe_permute_kernels: bool = True
+    moe_fused_ffn: bool = False
     moe_capacity_factor: float = 1.0
     moe_top_k: int = 1
     # (MoE issue) tokens per routing group, 0 = one group per sequence; weights of the sown aux

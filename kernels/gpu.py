@@ -33,46 +33,55 @@ def _swizzle(pid, steps: int, n_tiles: int, group_m: int):
 
 
 def gmm(lhs, rhs, visits: TileVisits, *, tm: int, tk: int, tn: int, transpose_rhs: bool, out_dtype,
-        interpret: bool, num_warps: int = 4, num_stages: int = 3, group_m: int = 8):
-    """lhs [M, K] x rhs [G, K, N] (or [G, N, K] when `transpose_rhs`) -> [M, N]; M, K, N whole blocks."""
+        interpret: bool, num_warps: int = 4, num_stages: int = 3, group_m: int = 8, up=None, activation=None):
+    """lhs [M, K] x rhs [G, K, N] (or [G, N, K] when `transpose_rhs`) -> [M, N]; M, K, N whole blocks.
+    With `up` [G, K, N] (gated: one lhs tile load for both products, two accumulators):
+    out = activation(lhs @ rhs) * (lhs @ up), computed in float32 before the store."""
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     num_groups = rhs.shape[0]
     k_tiles, steps, n_tiles = k // tk, visits.group.shape[0], n // tn
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+    weights = (rhs,) if up is None else (rhs, up)
+    count = len(weights)
 
-    def kernel(offsets, group, tile, active, first, last, lhs_ref, rhs_ref, out_ref):
+    def kernel(offsets, group, tile, active, first, last, lhs_ref, *refs):
         del last
+        rhs_refs, out_ref = refs[:count], refs[count]
         step, j = _swizzle(pl.program_id(0), steps, n_tiles, group_m)
         g, t, is_active = group[step], tile[step], active[step] == 1
         row0 = pl.multiple_of(t * tm, tm)
         col0 = pl.multiple_of(j * tn, tn)
 
-        def body(kk, acc):
+        def body(kk, accs):
             k0 = pl.multiple_of(kk * tk, tk)
             x = plgpu.load(lhs_ref.at[pl.ds(row0, tm), pl.ds(k0, tk)])
-            if transpose_rhs:
-                w = plgpu.load(rhs_ref.at[g, pl.ds(col0, tn), pl.ds(k0, tk)])
-            else:
-                w = plgpu.load(rhs_ref.at[g, pl.ds(k0, tk), pl.ds(col0, tn)])
-            return acc + jax.lax.dot_general(x, w, dims, preferred_element_type=_F32)
+            out = []
+            for rhs_ref, acc in zip(rhs_refs, accs):
+                if transpose_rhs:
+                    w = plgpu.load(rhs_ref.at[g, pl.ds(col0, tn), pl.ds(k0, tk)])
+                else:
+                    w = plgpu.load(rhs_ref.at[g, pl.ds(k0, tk), pl.ds(col0, tn)])
+                out.append(acc + jax.lax.dot_general(x, w, dims, preferred_element_type=_F32))
+            return tuple(out)
 
-        zeros = jnp.zeros((tm, tn), _F32)
-        acc = jax.lax.cond(is_active, lambda: jax.lax.fori_loop(0, k_tiles, body, zeros), lambda: zeros)
+        zeros = (jnp.zeros((tm, tn), _F32),) * count
+        accs = jax.lax.cond(is_active, lambda: jax.lax.fori_loop(0, k_tiles, body, zeros), lambda: zeros)
+        value = accs[0] if count == 1 else activation(accs[0]) * accs[1]
         rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
         in_group = (rows >= offsets[g]) & (rows < offsets[g + 1]) & is_active
         outside = (rows < offsets[0]) | (rows >= offsets[num_groups])
         store = in_group | (outside & (first[step] == 1))
         plgpu.store(out_ref.at[pl.ds(row0, tm), pl.ds(col0, tn)],
-                    jnp.where(in_group, acc, 0.0).astype(out_ref.dtype), mask=store)
+                    jnp.where(in_group, value, 0.0).astype(out_ref.dtype), mask=store)
 
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(steps * n_tiles,),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret, name="cpm2_gmm",
-        cost_estimate=pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,
-                                      bytes_accessed=(m * k + rhs.size + m * n) * lhs.dtype.itemsize),
-    )(*visits, lhs, rhs)
+        interpret=interpret, name="cpm2_gmm" if count == 1 else "cpm2_gated_gmm",
+        cost_estimate=pl.CostEstimate(flops=2 * count * m * k * n, transcendentals=m * n * (count - 1),
+                                      bytes_accessed=(m * k + count * rhs.size + m * n) * lhs.dtype.itemsize),
+    )(*visits, lhs, *weights)
 
 
 def tgmm(lhs, grad, offsets, *, tm: int, tk: int, tn: int, out_dtype, interpret: bool,

@@ -93,8 +93,10 @@ def _offset(group_offset) -> jax.Array:
     return jnp.zeros((), jnp.int32) if group_offset is None else jnp.asarray(group_offset, jnp.int32).reshape(())
 
 
-def gmm_forward(lhs, rhs, group_sizes, group_offset, config: KernelConfig, transpose_rhs: bool = False):
-    """The kernel alone (no vjp): lhs [m, k] x rhs [G, k, n] ([G, n, k] if `transpose_rhs`) -> [m, n]."""
+def gmm_forward(lhs, rhs, group_sizes, group_offset, config: KernelConfig, transpose_rhs: bool = False,
+                up=None, activation=None):
+    """The kernel alone (no vjp): lhs [m, k] x rhs [G, k, n] ([G, n, k] if `transpose_rhs`) -> [m, n];
+    with `up` [G, k, n] the gated form activation(lhs @ rhs) * (lhs @ up) (kernels.ffn)."""
     m, k = lhs.shape
     num_groups = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -104,14 +106,15 @@ def gmm_forward(lhs, rhs, group_sizes, group_offset, config: KernelConfig, trans
     mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
     lhs_p = _pad_to(lhs, (mp, kp))
     rhs_p = _pad_to(rhs, (num_groups, np_, kp) if transpose_rhs else (num_groups, kp, np_))
+    gated = {} if up is None else dict(up=_pad_to(up.astype(lhs.dtype), rhs_p.shape), activation=activation)
     visits = tile_visits(group_sizes, m_tiles=mp // tm, tm=tm, num_groups=num_groups,
                          group_offset=_offset(group_offset))
     kwargs = dict(tm=tm, tk=tk, tn=tn, transpose_rhs=transpose_rhs, out_dtype=lhs.dtype, interpret=config.interpret)
     if low == "tpu":
-        out = tpu.gmm(lhs_p, rhs_p, visits, **kwargs)
+        out = tpu.gmm(lhs_p, rhs_p, visits, **kwargs, **gated)
     else:
         out = gpu.gmm(lhs_p, rhs_p, visits, num_warps=b.num_warps, num_stages=b.num_stages, group_m=b.group_m,
-                      **kwargs)
+                      **kwargs, **gated)
     return out[:m, :n]
 
 

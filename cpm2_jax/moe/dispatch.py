@@ -1,7 +1,10 @@
 """Moving tokens to their experts and back: the three ways, one per grouped-matmul layout.
 
 - sort (ragged backends): all kept assignments of all groups sorted by expert -> rows [M, d]
-  and group sizes [E]; back by the inverse permutation;
+  and group sizes [E]; back by the inverse permutation. With `pallas` and token-major routing
+  (top-k, balanced: k choices per token) the gather and the weighted combine are the Pallas
+  kernels of `cpm2_jax.kernels.permutation` (`permute_kernels`, on by default; each the
+  other's gradient, no scatter); experts-choose routing has no fixed k and keeps jnp.take;
 - slots (`padded`): assignment a goes to slot expert*C + position of its group's buffer
   [G, E, C, d] by a gather (empty slots read a zero row);
 - one-hot (`einsum`, GShard / flaxformer): dispatch tensor D [G, S, E*C] in {0, 1},
@@ -33,6 +36,10 @@ class ExpertRows:
     group_sizes: Optional[jax.Array] = None  # ragged: [E]
     row_expert: Optional[jax.Array] = None  # ragged: [M] expert of each row (E for dropped rows)
     inverse: Optional[jax.Array] = None  # ragged: [G*A] row of each assignment; padded: [G, E*C] assignment of each slot
+    # pallas permutation kernels: token (of G*S; G*S if dropped) of each row [M], and the rows
+    # of each token's k choices [G*S, k] (M if dropped); from_experts combines with them.
+    token_of_row: Optional[jax.Array] = None
+    rows_of_token: Optional[jax.Array] = None
 
 
 @jax.custom_vjp
@@ -98,17 +105,32 @@ def _one_hot_dispatch(routing: Routing, dtype) -> tuple[jax.Array, jax.Array]:
     return hot, hot * routing.weight[:, None, :].astype(dtype)
 
 
-def to_experts(x: jax.Array, routing: Routing, backend: str) -> ExpertRows:
-    """x [G, S, d] -> the rows every expert processes, in `backend`'s layout."""
+def _token_major(values: jax.Array, g: int, s: int) -> jax.Array:
+    """[G*A] per assignment (A = k*S, choice-major) -> [G*S, k] per token."""
+    return jnp.swapaxes(values.reshape(g, -1, s), 1, 2).reshape(g * s, -1)
+
+
+def to_experts(x: jax.Array, routing: Routing, backend: str, permute_kernels: bool = True) -> ExpertRows:
+    """x [G, S, d] -> the rows every expert processes, in `backend`'s layout; `permute_kernels`:
+    with `pallas` and token-major routing, gather (and later combine) with the Pallas kernels."""
     g, s, d = x.shape
     e, c = routing.num_experts, routing.capacity
     if backend in RAGGED_BACKENDS:
         key = jnp.where(routing.kept, routing.expert, e).reshape(-1)
         order = jnp.argsort(key, stable=True)
         flat_token = (routing.token + s * jnp.arange(g, dtype=jnp.int32)[:, None]).reshape(-1)
-        rows = jnp.take(x.reshape(g * s, d), flat_token[order], axis=0)
         group_sizes = jnp.zeros((e + 1,), jnp.int32).at[key].add(1)[:e]
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        if backend == "pallas" and permute_kernels and routing.token_major:
+            from cpm2_jax.kernels.permutation import permute  # Pallas: only when this backend runs
+
+            kept = routing.kept.reshape(-1)
+            token_of_row = jnp.where(kept, flat_token, g * s)[order].astype(jnp.int32)
+            rows_of_token = _token_major(jnp.where(kept, inverse, order.shape[0]), g, s).astype(jnp.int32)
+            rows = permute(x.reshape(g * s, d), token_of_row, rows_of_token)
+            return ExpertRows(rows=rows, group_sizes=group_sizes, row_expert=key[order], inverse=inverse,
+                              token_of_row=token_of_row, rows_of_token=rows_of_token)
+        rows = jnp.take(x.reshape(g * s, d), flat_token[order], axis=0)
         return ExpertRows(rows=rows, group_sizes=group_sizes, row_expert=key[order], inverse=inverse)
     if backend == "padded":
         slots = _slots(routing)
@@ -133,6 +155,12 @@ def to_experts(x: jax.Array, routing: Routing, backend: str) -> ExpertRows:
 def from_experts(y: ExpertRows, routing: Routing, backend: str) -> jax.Array:
     """Expert outputs (same layout as `to_experts`) -> [G, S, d]: y_s = sum_a weight_a y_a."""
     g, a = routing.token.shape
+    if y.rows_of_token is not None:  # pallas permutation kernels (to_experts)
+        from cpm2_jax.kernels.permutation import combine
+
+        s = routing.group_size
+        out = combine(y.rows, _token_major(routing.weight.reshape(-1), g, s), y.rows_of_token, y.token_of_row)
+        return out.reshape(g, s, -1)
     if backend in RAGGED_BACKENDS:
         return _weighted_sum_over_tokens(jnp.take(y.rows, y.inverse, axis=0), routing)
     e, c, d = y.rows.shape[-3:]

@@ -20,8 +20,10 @@ loop would slice a sharded axis, so the batched dot is used there.
 
 `auto` picks per platform (benchmarks/moe_dispatch.py; the CPU figures of issue 5:
 ragged_dot 1.03 s vs padded 0.059 s vs dense 0.034 s for 8,192 x 512 -> 1024 over 32
-experts): the Pallas kernels where the platform has a Pallas lowering (GPU, TPU), the padded
-layout on CPU, falling back to the ragged layout when padding would waste most of the work.
+experts): ragged_dot on GPU/TPU, the padded layout on CPU, falling back to the ragged layout
+when padding would waste most of the work. It does not pick `pallas`: the kernels have run
+only in interpret mode so far (their Mosaic/Triton compilation is untested on a device);
+benchmarks/kernels_gpu.py prints whether they should become the default.
 """
 from __future__ import annotations
 
@@ -41,10 +43,11 @@ ALIASES = {"xla": "ragged_dot"}
 RAGGED_BACKENDS = ("ragged_dot", "pallas")
 # Default per platform. CPU: XLA's ragged_dot lowers to a slow loop, a padded batched matmul is
 # within 2x of a dense one (and Pallas has no CPU lowering, only the slow interpret mode).
-# GPU/TPU: the Pallas grouped matmul (kernels/; XLA's ragged_dot was reported at ~23 TFLOP/s
-# on a B200 against ~1,500 for a dedicated kernel). Not measured on a device by this project
-# yet: benchmarks/kernels_gpu.py and kernels_tpu.py are the scripts that decide it.
-AUTO_BACKEND = {"cpu": "padded", "gpu": "pallas", "cuda": "pallas", "rocm": "ragged_dot", "tpu": "pallas"}
+# GPU/TPU: ragged_dot (native grouped-matmul lowerings, no padding). The Pallas kernels
+# (kernels/) stay opt-in (moe_backend="pallas") until a device run of benchmarks/kernels_gpu.py
+# or kernels_tpu.py shows that they compile there and beat ragged_dot (none has yet).
+AUTO_BACKEND = {"cpu": "padded", "gpu": "ragged_dot", "cuda": "ragged_dot", "rocm": "ragged_dot",
+                "tpu": "ragged_dot"}
 # `auto` avoids the padded layout when padded slots would exceed this multiple of routed rows
 # (e.g. the argmax fallback of the balanced router, which needs capacity S per expert).
 MAX_PADDING_RATIO = 2.0
@@ -131,22 +134,41 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: Optional[jax.Arr
 
 def pallas_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """cpm2_jax.kernels.gmm (differentiable); under an `expert` mesh axis one kernel per shard
-    through shard_map. The rows are split in contiguous chunks over the other mesh axes, the
-    experts over the expert axes: each device multiplies its chunk's rows of its local experts
-    (group sizes cut to the chunk, group_offset = expert shard x local experts), zeros the rest,
-    and the expert shards' outputs are summed (a reduce over the expert axes, as XLA partitions
-    ragged_dot). The weight gradient sums over the row chunks (shard_map's transpose)."""
+    (`per_expert_shard`)."""
     from cpm2_jax.kernels import gmm  # the kernels import Pallas: only when this backend runs
 
+    return per_expert_shard(lambda rows, w, sizes, offset: gmm(rows, *w, sizes, group_offset=offset),
+                            lhs, (rhs,), group_sizes)
+
+
+def pallas_gated_ffn(lhs: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array,
+                     group_sizes: jax.Array) -> jax.Array:
+    """The fused expert block (gelu(x wi_0) * (x wi_1)) wo of cpm2_jax.kernels.ffn
+    (differentiable), per expert shard like `pallas_grouped_matmul`."""
+    from cpm2_jax.kernels.ffn import gated_ffn
+
+    return per_expert_shard(lambda rows, w, sizes, offset: gated_ffn(rows, *w, sizes, group_offset=offset),
+                            lhs, (wi_0, wi_1, wo), group_sizes)
+
+
+def per_expert_shard(kernel, lhs: jax.Array, weights: tuple, group_sizes: jax.Array) -> jax.Array:
+    """kernel(rows, weights, group_sizes, group_offset) on all rows, or under an `expert` mesh
+    axis once per shard through shard_map. The rows are split in contiguous chunks over the
+    other mesh axes, the experts (leading axis of every weight) over the expert axes: each device
+    runs its chunk's rows of its local experts (group sizes cut to the chunk, group_offset =
+    expert shard x local experts), zeros the rest, and the expert shards' outputs are summed (a
+    reduce over the expert axes, as XLA partitions ragged_dot). The weight gradients sum over
+    the row chunks (shard_map's transpose)."""
     axes = expert_mesh_axes()
     if not axes:
-        return gmm(lhs, rhs, group_sizes)
+        return kernel(lhs, weights, group_sizes, None)
     mesh = jax.sharding.get_abstract_mesh()
     shards = math.prod(mesh.shape[a] for a in axes)
-    if rhs.shape[0] % shards:
-        raise ConfigError(f"num_experts {rhs.shape[0]} is not divisible by the {shards} shards of mesh "
+    num_experts = weights[0].shape[0]
+    if num_experts % shards:
+        raise ConfigError(f"num_experts {num_experts} is not divisible by the {shards} shards of mesh "
                           f"axes {axes} that split the `expert` axis")
-    local = rhs.shape[0] // shards
+    local = num_experts // shards
     row_axes = tuple(a for a in mesh.axis_names if a not in axes and mesh.shape[a] > 1)
     chunks = math.prod(mesh.shape[a] for a in row_axes)
     m = lhs.shape[0]
@@ -156,14 +178,14 @@ def pallas_grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array
     spec = jax.sharding.PartitionSpec
     rows_spec = spec(row_axes) if row_axes else spec()
 
-    def per_shard(rows, weights, sizes):
+    def per_shard(rows, shard_weights, sizes):
         size = rows.shape[0]
         first = jax.lax.axis_index(row_axes) * size if row_axes else 0
         ends = jnp.cumsum(sizes)
         in_chunk = jnp.clip(ends, first, first + size) - jnp.clip(ends - sizes, first, first + size)
         offset = jax.lax.axis_index(axes) * local
-        return jax.lax.psum(gmm(rows, weights, in_chunk.astype(jnp.int32), group_offset=offset), axes)
+        return jax.lax.psum(kernel(rows, shard_weights, in_chunk.astype(jnp.int32), offset), axes)
 
-    out = jax.shard_map(per_shard, in_specs=(rows_spec, spec(axes), spec()), out_specs=rows_spec,
-                        check_vma=False)(lhs, rhs, group_sizes)
+    out = jax.shard_map(per_shard, in_specs=(rows_spec, (spec(axes),) * len(weights), spec()),
+                        out_specs=rows_spec, check_vma=False)(lhs, tuple(weights), group_sizes)
     return out[:m]

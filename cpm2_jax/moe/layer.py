@@ -25,8 +25,8 @@ from cpm2_jax.errors import ConfigError
 from cpm2_jax.model.feedforward import gelu
 from cpm2_jax.moe.dispatch import ExpertRows, from_experts, to_experts
 from cpm2_jax.moe.expert_loop import looped_gated_gelu
-from cpm2_jax.moe.grouped_matmul import (RAGGED_BACKENDS, check_backend, grouped_matmul, select_backend,
-                                         use_expert_loop)
+from cpm2_jax.moe.grouped_matmul import (RAGGED_BACKENDS, check_backend, grouped_matmul, pallas_gated_ffn,
+                                         select_backend, use_expert_loop)
 from cpm2_jax.moe.routing import Router, Routing
 from cpm2_jax.moe.shuffle import can_shuffle, make_shuffle, shuffle, unshuffle
 
@@ -46,11 +46,12 @@ def routing_groups(batch: int, length: int, group_size: int) -> tuple[int, int]:
 
 
 def expert_ffn(rows: ExpertRows, weights: dict, *, activation: str = "gated_gelu", backend: str, dtype,
-               dropout=None, expert_loop: bool = False) -> ExpertRows:
+               dropout=None, expert_loop: bool = False, fused: bool = False) -> ExpertRows:
     """Every row through its expert: scale by s_e (the rest of the expert's RMSNorm, when the
     experts hold `norm_scale`), then the expert FFN (feedforward.feed_forward's arithmetic) with
     grouped matmuls. Batched buffers [G, E, C, d] run expert-major as [E, G*C, d] (free when
-    G = 1) so every expert is one matrix of rows."""
+    G = 1) so every expert is one matrix of rows. `fused` (backend pallas, gated GELU, no
+    dropout): the whole block as one fused kernel pair (kernels.ffn, ModelConfig.moe_fused_ffn)."""
     ragged = backend in RAGGED_BACKENDS
     sizes = rows.group_sizes if ragged else None
     h_in = rows.rows
@@ -71,6 +72,9 @@ def expert_ffn(rows: ExpertRows, weights: dict, *, activation: str = "gated_gelu
             scale = norm_scale[:, None, :]  # [E, 1, d] over [E, M, d]
         h_in = h_in.astype(jnp.float32) * scale
     h_in = h_in.astype(dtype)
+    if fused and backend == "pallas" and activation == "gated_gelu" and dropout is None:
+        out = pallas_gated_ffn(h_in, *(weights[n].astype(dtype) for n in ("wi_0", "wi_1", "wo")), sizes)
+        return rows.replace(rows=out)
 
     def matmul(lhs, name):
         return grouped_matmul(lhs, weights[name], sizes, backend=backend, dtype=dtype, expert_loop=expert_loop)
@@ -148,7 +152,7 @@ class MoeBlock(nn.Module):
         experts = Experts(config=c, name="experts")(d)
         routed = int(routing.kept.size)
         backend = select_backend(c.moe_backend, routed_rows=routed, padded_rows=g * e * routing.capacity)
-        rows = to_experts(normed, routing, backend)
+        rows = to_experts(normed, routing, backend, permute_kernels=c.moe_permute_kernels)
         batched = backend not in RAGGED_BACKENDS
         if batched:
             rows = rows.replace(rows=nn.with_logical_constraint(
@@ -157,7 +161,7 @@ class MoeBlock(nn.Module):
         if c.dropout_rate > 0 and not self.deterministic:
             dropout = nn.Dropout(c.dropout_rate, deterministic=False)
         out = expert_ffn(rows, experts, activation=c.ffn_activation, backend=backend, dtype=dtype,
-                         dropout=dropout, expert_loop=batched and use_expert_loop())
+                         dropout=dropout, expert_loop=batched and use_expert_loop(), fused=c.moe_fused_ffn)
         if batched:
             out = out.replace(rows=nn.with_logical_constraint(
                 nn.with_logical_constraint(out.rows, _EXPERT_SIDE), _BATCH_SIDE))

@@ -64,9 +64,10 @@ def test_backend_selection():
     assert select_backend("einsum", routed_rows=8, padded_rows=8) == "einsum"
     assert select_backend("xla", routed_rows=8, padded_rows=8) == "ragged_dot"  # the alias
     assert select_backend("auto", routed_rows=8, padded_rows=8, platform="cpu") == "padded"
-    # Platforms with a Pallas lowering take the kernels of cpm2_jax.kernels.
-    assert select_backend("auto", routed_rows=8, padded_rows=8, platform="gpu") == "pallas"
-    assert select_backend("auto", routed_rows=8, padded_rows=8, platform="tpu") == "pallas"
+    # GPU/TPU: ragged_dot; the Pallas kernels only by name until a device run measures them.
+    assert select_backend("auto", routed_rows=8, padded_rows=8, platform="gpu") == "ragged_dot"
+    assert select_backend("auto", routed_rows=8, padded_rows=8, platform="tpu") == "ragged_dot"
+    assert select_backend("pallas", routed_rows=8, padded_rows=8, platform="gpu") == "pallas"
     # Expert parallelism: the padded buffers' all-to-all, on every platform.
     assert select_backend("auto", routed_rows=8, padded_rows=8, platform="gpu", expert_sharded=True) == "padded"
     # The balanced router's argmax fallback needs capacity S per expert: padding would waste E x.
@@ -79,17 +80,22 @@ def test_backend_selection():
         grouped_matmul(jnp.zeros((2, 2)), jnp.zeros((1, 2, 2)), backend="pallas")
 
 
-def _moe_loss_and_grads(backend, mesh=None):
+def _moe_config(backend, **overrides):
+    from cpm2_jax.config import get_config
+
+    return get_config("cpm2_moe_tiny", moe_router="top_k", moe_top_k=2, moe_capacity_factor=2.0, init_std=0.05,
+                      num_experts=8, moe_backend=backend, **overrides)
+
+
+def _moe_loss_and_grads(backend, mesh=None, **overrides):
     """MoE block (top-2 router, 8 experts) loss, output and gradients w.r.t. params and input,
     on one device or on `mesh` with the expert weights split over its `expert` axis."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from cpm2_jax.config import get_config
     from cpm2_jax.moe.layer import MoeBlock
     from cpm2_jax.partitioning import LOGICAL_AXIS_RULES, init_sharded, mesh_context, rules_for_mesh
 
-    c = get_config("cpm2_moe_tiny", moe_router="top_k", moe_top_k=2, moe_capacity_factor=2.0, init_std=0.05,
-                   num_experts=8, moe_backend=backend)
+    c = _moe_config(backend, **overrides)
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, c.d_model))
     module = MoeBlock(config=c, deterministic=False)
 
@@ -106,21 +112,40 @@ def _moe_loss_and_grads(backend, mesh=None):
 
 
 def test_moe_layer_with_pallas_equals_xla_on_one_device_and_on_an_expert_mesh():
-    """backend="pallas" (kernels in interpret mode on CPU) gives the MoE block's outputs and
-    gradients of backend="xla" (ragged_dot; tests/moe/test_layer.py ties that to padded and
-    einsum), on one device and on the data=2, expert=4 mesh (one kernel per expert shard).
-    Slow (~50 s of CPU time, 101 s for this file with tests/kernels): three MoE-layer compiles,
-    two with interpret-mode kernels; it is the issue's end-to-end acceptance check."""
+    """backend="pallas" (kernels in interpret mode on CPU: the permutation kernels, and gmm or
+    the fused gated-GELU block) gives the MoE block's outputs and gradients of backend="xla"
+    (ragged_dot; tests/moe/test_layer.py ties that to padded and einsum), on one device and on
+    the data=2, expert=4 mesh (one kernel per expert shard; there with the fused block, which
+    tests/kernels/test_ffn.py ties to the unfused one). Slow (~55 s of CPU time: three MoE-layer
+    compiles, two with interpret-mode kernels); it is the issue's end-to-end acceptance check."""
     from cpm2_jax.partitioning import cpu_test_mesh
 
     want = _moe_loss_and_grads("xla")
     mesh = cpu_test_mesh(data=2, model=1, expert=4)
-    for where, got in (("one device", _moe_loss_and_grads("pallas")),
-                       ("data=2, expert=4", _moe_loss_and_grads("pallas", mesh))):
+    for where, got in (("one device, gmm", _moe_loss_and_grads("pallas")),
+                       ("data=2, expert=4, fused FFN", _moe_loss_and_grads("pallas", mesh, moe_fused_ffn=True))):
         leaves, ref = jax.tree.leaves(got), jax.tree.leaves(want)
         assert len(leaves) == len(ref) and float(jnp.abs(ref[1]).max()) > 1e-3
         for a, b in zip(leaves, ref):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=where)
+
+
+@pytest.mark.parametrize("fused,permute_kernels,kernels", [
+    (False, True, {"cpm2_permute", "cpm2_combine", "cpm2_gmm", "cpm2_tgmm"}),
+    (True, True, {"cpm2_permute", "cpm2_combine", "cpm2_gated_gmm", "cpm2_gmm", "cpm2_tgmm"}),
+    (False, False, {"cpm2_gmm", "cpm2_tgmm"})])
+def test_moe_layer_with_pallas_runs_the_kernels_its_flags_name(fused, permute_kernels, kernels):
+    """moe_permute_kernels / moe_fused_ffn select the kernels in the traced MoE training step."""
+    import re
+
+    from cpm2_jax.moe.layer import MoeBlock
+
+    c = _moe_config("pallas", moe_fused_ffn=fused, moe_permute_kernels=permute_kernels)
+    x = jnp.zeros((2, 16, c.d_model))
+    module = MoeBlock(config=c)
+    params = jax.eval_shape(lambda: nn.unbox(module.init(jax.random.PRNGKey(1), x)))
+    text = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(module.apply(p, x))))(params))
+    assert set(re.findall(r"name=(cpm2_\w+)", text)) == kernels
 
 
 def test_pallas_on_an_expert_mesh_splits_rows_and_experts():
