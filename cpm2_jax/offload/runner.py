@@ -169,21 +169,26 @@ class OffloadRunner:
             item = self._transfers.get()
             if item is None:
                 return
-            key, prefetch = item
-            if key in self.slots:  # already there or on its way (an earlier prefetch)
-                continue
-            if not self.slots.reserve(key, wait=not prefetch):
-                continue
-            start = self._now()
-            buf = self.link.transfer(self.store.buffers[key[:2]][key[2]])
-            end = self._now()
-            self.slots.fill(key, buf)
-            with self._lock:
-                self.stats.loads += 1
-                self.stats.prefetches += int(prefetch)
-                self.stats.bytes_moved += self.store.expert_bytes
-                self.stats.transfer_time += end - start
-                self.stats.timeline.append(("load", key, start, end))
+            try:
+                self._transfer(*item)
+            finally:
+                self._transfers.task_done()
+
+    def _transfer(self, key, prefetch: bool):
+        if key in self.slots:  # already there or on its way (an earlier prefetch)
+            return
+        if not self.slots.reserve(key, wait=not prefetch):
+            return
+        start = self._now()
+        buf = self.link.transfer(self.store.buffers[key[:2]][key[2]])
+        end = self._now()
+        self.slots.fill(key, buf)
+        with self._lock:
+            self.stats.loads += 1
+            self.stats.prefetches += int(prefetch)
+            self.stats.bytes_moved += self.store.expert_bytes
+            self.stats.transfer_time += end - start
+            self.stats.timeline.append(("load", key, start, end))
 
     def _release_loop(self):
         while True:
@@ -305,3 +310,8 @@ class OffloadRunner:
     def reset_stats(self) -> None:
         with self._lock:
             self.stats = Stats()
+
+    def empty_slots(self) -> None:
+        """Waits for queued transfers (prefetches) to land, then empties every slot (a cold start)."""
+        self._transfers.join()
+        self.slots.clear()

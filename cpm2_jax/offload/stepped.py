@@ -27,7 +27,7 @@ from cpm2_jax.config import ModelConfig
 from cpm2_jax.model.attention import RelativePositionBias, attention_mask, mask_to_bias
 from cpm2_jax.model.dense import Embed, Projection
 from cpm2_jax.model.norm import RMSNorm
-from cpm2_jax.model.transformer import DecoderLayer, EncoderLayer, _Layer, reorder_cache
+from cpm2_jax.model.transformer import DecoderLayer, EncoderLayer, _Layer
 from cpm2_jax.offload import split_moe
 
 STACKS = ("encoder", "decoder")

@@ -255,6 +255,9 @@ class DeviceSlots:
 
     def fill(self, key, buffer) -> None:
         with self.cond:
+            if key not in self.entries:  # dropped while on its way (clear): nothing to keep
+                buffer.delete()
+                return
             self.entries[key] = buffer
             self.loaded.add(key)
             self.events[key].set()
