@@ -111,18 +111,24 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
 
 def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *,
                            dropout=None, dtype=jnp.float32) -> jax.Array:
-    """`dot_product_attention` for one query position (a decoding step), as products and sums
-    over the caches' own [b, k, h, d] layout: as two matmuls, XLA:CPU copies both caches of
-    every layer into a [b, h, d, k] layout at every step. float32 arithmetic.
+    """`dot_product_attention` for one query position (a decoding step on CPU), as matmuls over
+    the caches' own [b, k, h * d] layout: with heads as a batch dimension, XLA:CPU copies both
+    (loop-invariant) encoder caches of every layer into a [b, h, d, k] layout at every step.
+    The query becomes a block-diagonal [h * d, h] matrix (head g's query in block g) and the
+    output is the diagonal of [h, h, d]: h times the attention arithmetic of one step, small
+    beside reading the caches (the case this is for: few heads, short encoder inputs).
 
     q: [b, 1, h, d]; k, v: [b, k, h, d]; bias: broadcastable to [b, h, 1, k].
     """
-    logits = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1)  # [b, k, h]
-    weights = jax.nn.softmax(jnp.transpose(logits, (0, 2, 1))[:, :, None, :] + bias, axis=-1)
+    b, _, h, d = q.shape
+    length = k.shape[1]
+    block_q = (q[:, 0, :, :, None] * jnp.eye(h, dtype=q.dtype)[None, :, None, :]).reshape(b, h * d, h)
+    logits = jnp.einsum("bkc,bcg->bgk", k.reshape(b, length, h * d), block_q, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits[:, :, None, :] + bias, axis=-1)
     if dropout is not None:
         weights = dropout(weights)
-    weights = jnp.transpose(weights[:, :, 0, :], (0, 2, 1))[..., None]  # [b, k, h, 1]
-    return jnp.sum(weights * v.astype(jnp.float32), axis=1, keepdims=True).astype(dtype)
+    out = jnp.einsum("bgk,bkc->bgc", weights[:, :, 0, :].astype(dtype), v.reshape(b, length, h * d))
+    return jnp.einsum("bhhd->bhd", out.reshape(b, h, h, d))[:, None]
 
 
 class MultiHeadAttention(nn.Module):
@@ -133,7 +139,7 @@ class MultiHeadAttention(nn.Module):
     decode=True, cross-attention: the projected encoder keys/values are read from
     `cached_key`/`cached_value` [batch, encoder_length, heads, head_dim], filled once before
     the first step (`decoding.init_cache`; the cache-shaping pass computes them too).
-    A decoding step attends with `single_query_attention`.
+    A decoding step's cross-attention on CPU attends with `single_query_attention`.
     """
 
     num_heads: int
@@ -171,7 +177,11 @@ class MultiHeadAttention(nn.Module):
         drop = None
         if self.dropout_rate > 0.0 and not self.deterministic:
             drop = lambda w: nn.Dropout(self.dropout_rate)(w, deterministic=False)  # noqa: E731
-        attend = single_query_attention if self.decode and query.shape[1] == 1 else dot_product_attention
+        # A decoding step's cross-attention on CPU reads the (loop-invariant) encoder caches as
+        # they are; self-attention keeps the matmuls (its cache is updated in place each step,
+        # and a reshaped view of the updated buffer makes XLA:CPU copy the whole cache).
+        cross_step = self.decode and self.is_cross_attention and query.shape[1] == 1
+        attend = single_query_attention if cross_step and jax.default_backend() == "cpu" else dot_product_attention
         out = attend(query, key, value, bias, dropout=drop, dtype=dtype_of(self.dtype))
         out = nn.with_logical_constraint(out, axes)
         return Projection(features=(d_model,), kernel_axes=("heads", "kv", "embed"), num_input_axes=2,

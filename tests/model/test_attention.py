@@ -1,5 +1,5 @@
 """Relative position buckets (brute force from the bucket definition and transformers'
-implementation), unscaled attention and the masks."""
+implementation), unscaled attention (and its one-query decoding form) and the masks."""
 import math
 
 import jax
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpm2_jax.model.attention import attention_mask, dot_product_attention, relative_position_bucket
+from cpm2_jax.model.attention import (attention_mask, dot_product_attention, mask_to_bias, relative_position_bucket,
+                                      single_query_attention)
 
 
 def brute_force_bucket(offset: int, bidirectional: bool, num_buckets=32, max_distance=128) -> int:
@@ -55,6 +56,17 @@ def test_attention_is_unscaled():
     w = np.exp(logits - logits.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(out), np.einsum("bhqk,bkhd->bqhd", w, v), rtol=1e-5, atol=1e-6)
+
+
+def test_single_query_attention_equals_dot_product_attention():
+    """The decoding step's block-diagonal form gives the two-matmul result, masked keys included."""
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(3, 1, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(3, 7, 4, 8)), jnp.float32) for _ in range(2))
+    valid = jnp.asarray(np.arange(7)[None, :] < np.array([[7], [4], [1]]))
+    bias = jnp.asarray(rng.normal(size=(1, 4, 1, 7)), jnp.float32) + mask_to_bias(valid[:, None, None, :])
+    np.testing.assert_allclose(np.asarray(single_query_attention(q, k, v, bias)),
+                               np.asarray(dot_product_attention(q, k, v, bias)), rtol=1e-5, atol=1e-6)
 
 
 def test_masks():
