@@ -18,13 +18,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from cpm2_jax import checkpoints as ckpt_lib
-from cpm2_jax import datasets, gin_utils
+from cpm2_jax import datasets, decoding, gin_utils
 from cpm2_jax.config import ModelConfig
 from cpm2_jax.errors import ConfigError
 from cpm2_jax.metrics_writer import MetricsWriter
-from cpm2_jax.trainer import Trainer, TrainerConfig
-
-EOS_ID = 1
+from cpm2_jax.partitioning import ModelSharding
+from cpm2_jax.trainer import TokenMetrics
 
 
 def _batches(dataset, batch_size: int):
@@ -51,14 +50,16 @@ def _stack(rows, batch_size):
     return indices, out
 
 
-def strip_after_eos(tokens: Sequence[int]) -> list[int]:
-    """Generated ids up to (not including) the first EOS."""
-    out = []
-    for t in tokens:
-        if int(t) == EOS_ID:
-            break
-        out.append(int(t))
-    return out
+def prediction_rows(tokens: np.ndarray, eos_id: int = decoding.EOS_ID) -> list[list[int]]:
+    """seqio predictions from decoded rows [batch, T]: every row T ids long (its output, its
+    EOS, then pad 0), so seqio's `np.array(predictions)` is rectangular whatever length each
+    output has; the vocabulary's decode stops at the EOS, so each decodes to its own text."""
+    rows = []
+    for row in np.asarray(tokens):
+        ids = decoding.strip_after_eos(row, eos_id)
+        ended = ids + [eos_id] if len(ids) < len(row) else ids
+        rows.append(ended + [0] * (len(row) - len(ended)))
+    return rows
 
 
 def _scalar(value) -> Optional[float]:
@@ -96,7 +97,6 @@ def evaluate(*, model_config: Optional[ModelConfig] = None, dataset_cfg: dataset
     import gin
     import seqio
 
-    from cpm2_jax import decoding
     with gin.unlock_config():
         from cpm2_jax.tasks import pipeline, settings
     settings.configure()
@@ -111,12 +111,11 @@ def evaluate(*, model_config: Optional[ModelConfig] = None, dataset_cfg: dataset
     provider = pipeline.get_provider(dataset_cfg.mixture_or_task_name)
     lengths = dict(dataset_cfg.task_feature_lengths)
 
-    from cpm2_jax.train import build_mesh
-
-    trainer = Trainer(model_config, TrainerConfig(), build_mesh(mesh_shape))
-    params, _ = ckpt_lib.load_params(step_dir, model_config, target=trainer.abstract_params())
+    sharding = ModelSharding.for_shape(model_config, mesh_shape)
+    token_metrics = TokenMetrics(sharding)
+    params, _ = ckpt_lib.load_params(step_dir, model_config, target=sharding.abstract_params())
     batch_size = dataset_cfg.batch_size
-    trainer.check_batch_size(batch_size)
+    sharding.check_batch_size(batch_size)
     new_tokens = max_new_tokens or lengths.get("targets", 128)
     # Every process reads the whole split (seqio computes the metrics on all of it, on every
     # process); each feeds its own rows of every global batch to the mesh, and the outputs are
@@ -128,22 +127,22 @@ def evaluate(*, model_config: Optional[ModelConfig] = None, dataset_cfg: dataset
         return {k: v[mine] for k, v in batch.items()}
 
     def on_mesh(batch):
-        return trainer.shard_batch(local(batch))
+        return token_metrics.shard_batch(local(batch))
 
     def predict_fn(dataset):
         out = []
         for indices, batch in _batches(dataset, batch_size):
-            with trainer.mesh_and_rules():
+            with sharding.mesh_and_rules():
                 decoded = decoding.decode(params, on_mesh(batch)["encoder_input_tokens"], config=model_config,
                                           method=decode_method, max_new_tokens=new_tokens, num_beams=num_beams)
                 tokens = np.asarray(multihost_utils.process_allgather(decoded.tokens, tiled=True))
-            out.extend((i, strip_after_eos(tokens[r])) for r, i in enumerate(indices))
+            out.extend(zip(indices, prediction_rows(tokens)))
         return out
 
     def score_fn(dataset):
         out = []
         for indices, batch in _batches(dataset, batch_size):
-            with trainer.mesh_and_rules():
+            with sharding.mesh_and_rules():
                 placed = on_mesh(batch)
                 _, totals = decoding.score(params, placed["encoder_input_tokens"], placed["decoder_target_tokens"],
                                            config=model_config)
@@ -162,9 +161,10 @@ def evaluate(*, model_config: Optional[ModelConfig] = None, dataset_cfg: dataset
     results: dict[str, dict[str, float]] = {}
     for task in evaluator.eval_tasks:
         model_ds = evaluator.cached_model_datasets[task.name]
-        teacher_forced = trainer.evaluate(params, (local(b) for _, b in _batches(model_ds, batch_size)))
+        teacher_forced = token_metrics.evaluate(params, (on_mesh(b) for _, b in _batches(model_ds, batch_size)))
         metrics = {"token_loss": teacher_forced["loss"], "token_accuracy": teacher_forced["accuracy"],
-                   "examples": float(len(evaluator.cached_task_datasets[task.name]))}
+                   "examples": float(len(evaluator.cached_task_datasets[task.name])),
+                   **{k: teacher_forced[k] for k in token_metrics.moe_metric_names}}  # MoE routing diagnostics
         for key, value in (computed.get(task.name) or {}).items():
             number = _scalar(value)
             if number is not None:
@@ -213,7 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from cpm2_jax.tf_import import quiet_tensorflow_import
+    from cpm2_jax.tf_import import default_jax_platforms, quiet_tensorflow_import
 
+    default_jax_platforms()
     quiet_tensorflow_import()
     sys.exit(main())

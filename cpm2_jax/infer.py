@@ -203,23 +203,22 @@ class _AtomicWriter:
 
 def _place(params, config: ModelConfig, mesh_shape: Optional[dict], batch_size: int):
     """(params, a context to decode in, a function placing a [batch, length] array): with a
-    mesh, a Trainer's partitioning (params split by the rules, batches over the batch axes);
-    without, one device."""
+    mesh, the model's ModelSharding (params split by the partition rules, batches over the
+    batch axes: what train and eval use); without, one device."""
     import contextlib
 
     import jax
 
     if not mesh_shape:
         return jax.device_put(params), contextlib.nullcontext, lambda array: array
-    from cpm2_jax.partitioning import make_mesh
-    from cpm2_jax.trainer import Trainer, TrainerConfig
+    from cpm2_jax.partitioning import ModelSharding
 
-    trainer = Trainer(config, TrainerConfig(), make_mesh(dict(mesh_shape)))
-    if batch_size % trainer.data_parallel_size:
+    sharding = ModelSharding.for_shape(config, mesh_shape)
+    if batch_size % sharding.data_parallel_size:
         raise ConfigError(f"infer: batch_size {batch_size} must be a multiple of the mesh's batch axes "
-                          f"{'x'.join(trainer.batch_axes)} = {trainer.data_parallel_size} (--gin.infer.batch_size)")
-    return (jax.device_put(params, trainer.param_shardings), trainer.mesh_and_rules,
-            lambda array: jax.device_put(array, trainer.batch_sharding))
+                          f"{'x'.join(sharding.batch_axes)} = {sharding.data_parallel_size} (--gin.infer.batch_size)")
+    return (sharding.place_params(params), sharding.mesh_and_rules,
+            lambda array: jax.device_put(array, sharding.batch_sharding))
 
 
 # ------------------------------------------------------------------------------ the entry point
@@ -233,9 +232,9 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
           overwrite: bool = False, prompt_files: Sequence[str] = (), log=None) -> dict:
     """Decodes (mode 'predict') or scores given targets (mode 'score') every input line and
     writes JSON Lines; returns a summary (examples, generated tokens, seconds).
+
     The model config and the vocabulary are the checkpoint's; `vocabulary_path`, `dtype` and
     `scan_layers` override them (`model_config` only serves a checkpoint that records none).
-
 
     `mesh_shape` (e.g. {'data': 2, 'model': 4}): parameters split by the partition rules and
     batches by the `batch` rule over that mesh, for models that do not fit one device.

@@ -12,22 +12,33 @@ import jax
 
 
 class MetricsWriter:
-    """`write(step, metrics, prefix)` to TensorBoard under `<dir>/<prefix>` and to `<dir>/metrics.jsonl`."""
+    """`write(step, metrics, prefix)` to TensorBoard under `<dir>/<prefix>` and to `<dir>/metrics.jsonl`.
 
-    def __init__(self, log_dir: str | pathlib.Path, *, enabled: Optional[bool] = None):
+    `resume_step`: a run resumed from that step replays the steps after it, so the rows of
+    metrics.jsonl after it are dropped (the file is rewritten atomically) and TensorBoard is
+    told to purge its events after it; each step then has one row.
+    """
+
+    def __init__(self, log_dir: str | pathlib.Path, *, enabled: Optional[bool] = None,
+                 resume_step: Optional[int] = None):
         self.log_dir = pathlib.Path(log_dir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.resume_step = resume_step
         self._writers = {}
         self._jsonl = None
         if self.enabled:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8")
+            path = self.log_dir / "metrics.jsonl"
+            if resume_step is not None and path.is_file():
+                truncate_after(path, resume_step)
+            self._jsonl = open(path, "a", encoding="utf-8")
 
     def _writer(self, prefix: str):
         if prefix not in self._writers:
             from tensorboardX import SummaryWriter
 
-            self._writers[prefix] = SummaryWriter(str(self.log_dir / prefix))
+            purge = {} if self.resume_step is None else {"purge_step": self.resume_step + 1}
+            self._writers[prefix] = SummaryWriter(str(self.log_dir / prefix), **purge)
         return self._writers[prefix]
 
     def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
@@ -54,6 +65,30 @@ class MetricsWriter:
             writer.close()
         self._jsonl.close()
         self.enabled = False
+
+
+def truncate_after(path: pathlib.Path, step: int) -> None:
+    """Drops the rows of a metrics.jsonl whose step is after `step` (temp file + rename); a
+    line that is not a JSON object with a step (a torn last line after a kill) goes too."""
+    import os
+    import tempfile
+
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            row_step = None
+        if row_step is not None and row_step <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if not dropped:
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.writelines(kept)
+    os.replace(tmp, path)
 
 
 class ProgressBar:

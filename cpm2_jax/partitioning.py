@@ -182,3 +182,78 @@ def optimizer_state_specs(state_shapes, param_shapes, param_specs):
         return PartitionSpec()
 
     return jax.tree_util.tree_map_with_path(spec_for, state_shapes)
+
+
+def build_mesh(mesh_shape: Optional[Mapping[str, int]] = None) -> Mesh:
+    """The mesh a binary runs on: `mesh_shape` (e.g. {'data': 4, 'model': 2}), or one
+    data-parallel axis over every device when None."""
+    return make_mesh(dict(mesh_shape) if mesh_shape else {"data": jax.device_count()})
+
+
+class ModelSharding:
+    """Where one model's parameters and batches live on a mesh: the one place train, eval and
+    infer take the mesh, the rules, the parameter shardings and the batch sharding from.
+
+    Parameters follow the partition rules (`shardings_for`); batches are split over the mesh
+    axes of the `batch` rule, so a global batch must be a multiple of `data_parallel_size`.
+    """
+
+    def __init__(self, model_config, mesh: Mesh, rules=None):
+        from cpm2_jax.model import EncoderDecoder
+
+        self.model_config = model_config
+        self.mesh = mesh
+        self.rules = rules_for_mesh(mesh.axis_names) if rules is None else rules
+        self.model = EncoderDecoder(model_config)
+        ones = jax.numpy.ones((1, 8), jax.numpy.int32)
+        with self.mesh_and_rules():
+            self.abstract_variables = jax.eval_shape(lambda key: self.model.init(key, ones, ones),
+                                                     jax.random.PRNGKey(0))
+        self.param_shardings = shardings_for(self.abstract_variables, mesh, self.rules)["params"]
+        self.param_specs = mesh_specs(logical_specs(self.abstract_variables), self.rules)["params"]
+        self.param_shapes = nn.unbox(self.abstract_variables)["params"]
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.batch_axes = batch_axes(self.rules)
+        self.data_parallel_size = math.prod(mesh.shape[a] for a in self.batch_axes)
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec(self.batch_axes or None))
+
+    @classmethod
+    def for_shape(cls, model_config, mesh_shape: Optional[Mapping[str, int]] = None, rules=None) -> "ModelSharding":
+        return cls(model_config, build_mesh(mesh_shape), rules)
+
+    def mesh_and_rules(self):
+        """A context in which jitted code runs on this mesh under these partition rules."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def abstract_params(self):
+        """ShapeDtypeStructs of the parameters carrying their target shardings (a restore target)."""
+        return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                      self.param_shapes, self.param_shardings)
+
+    def check_batch_size(self, global_batch_size: int, ways_per_device: int = 1, what: str = "") -> None:
+        """The global batch must split evenly over the data-parallel devices (x `ways_per_device`
+        micro-batches); `what` names the setting at fault in the error."""
+        ways = self.data_parallel_size * ways_per_device
+        if global_batch_size % ways:
+            axes = "x".join(self.batch_axes) or "none"
+            extra = f" x grad_accum_steps {ways_per_device}" if ways_per_device > 1 else ""
+            raise ShardingError(
+                f"global batch size {global_batch_size}{what} is not divisible by the data-parallel size "
+                f"{self.data_parallel_size} (mesh axes {axes} of mesh {dict(self.mesh.shape)}){extra}; "
+                f"use a batch size that is a multiple of {ways}, or change the mesh")
+
+    def place_params(self, params):
+        return jax.device_put(params, self.param_shardings)
+
+    def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows of every array -> global arrays split over the batch axes
+        (multi-host safe: each process gives its own rows)."""
+        rows = next(iter(local_batch.values())).shape[0]
+        self.check_batch_size(rows * jax.process_count())
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+                for k, v in local_batch.items()}

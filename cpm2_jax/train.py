@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import gc
 import math
+import os
 import pathlib
 import sys
 import time
@@ -26,8 +27,10 @@ from cpm2_jax import datasets, gin_utils
 from cpm2_jax.config import ModelConfig
 from cpm2_jax.errors import ConfigError
 from cpm2_jax.metrics_writer import MetricsWriter, ProgressBar
-from cpm2_jax.partitioning import make_mesh
-from cpm2_jax.trainer import Trainer, TrainerConfig, TrainingDivergedError
+from cpm2_jax.partitioning import build_mesh  # noqa: F401 - also re-exported for the demo
+from cpm2_jax.trainer import PARAMS_FINITE, Trainer, TrainerConfig, TrainingDivergedError
+
+VOCAB_SIZE_FLAG = "--gin.cpm2_jax.model_config.vocab_size"
 
 
 def _require(**values) -> None:
@@ -35,14 +38,6 @@ def _require(**values) -> None:
     if missing:
         raise ConfigError(f"train: required argument(s) not set: {', '.join(missing)} (gin: train.{missing[0]} "
                           f"or the run file's macro)")
-
-
-def default_mesh_shape() -> dict[str, int]:
-    return {"data": jax.device_count()}
-
-
-def build_mesh(mesh_shape: Optional[Mapping[str, int]]):
-    return make_mesh(dict(mesh_shape) if mesh_shape else default_mesh_shape())
 
 
 def initial_state(trainer: Trainer, ckpts: ckpt_lib.Checkpoints, checkpoint_cfg: ckpt_lib.CheckpointConfig,
@@ -92,6 +87,82 @@ def _finite(metrics: Mapping[str, float]) -> bool:
     return all(math.isfinite(float(v)) for v in metrics.values())
 
 
+def prepare_model_dir(model_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Creates MODEL_DIR (and its missing parents) and checks that files can be written in
+    it; returns the directories this created, deepest first (removed again if the run is
+    rejected before training starts). A file in the way or a read-only place is a
+    ConfigError naming the path."""
+    created = [p for p in (model_dir / "checkpoints", model_dir, *model_dir.parents) if not p.exists()]
+    blocker = next((p for p in (model_dir, *model_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        what = "is a file" if blocker == model_dir else f"cannot be created: {str(blocker)!r} is a file"
+        raise ConfigError(f"MODEL_DIR {str(model_dir)!r} {what}, not a directory (--gin.MODEL_DIR)")
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        probe = model_dir / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        remove_empty_dirs(created)
+        raise ConfigError(f"MODEL_DIR {str(model_dir)!r} is not writable: {err.strerror or err} "
+                          f"(--gin.MODEL_DIR)") from None
+    return created
+
+
+def remove_empty_dirs(directories: Sequence[pathlib.Path]) -> None:
+    """rmdir each directory (deepest first) that exists and is empty; anything else stays."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            pass
+
+
+def check_vocabulary(model_config: ModelConfig, dataset_cfg: datasets.DatasetConfig) -> None:
+    """Every id the task's vocabularies produce must index the model's embedding: a larger
+    vocabulary is a ConfigError naming both sizes and the flag that fixes it."""
+    import gin
+
+    with gin.unlock_config():
+        from cpm2_jax.tasks import pipeline
+    provider = pipeline.get_provider(dataset_cfg.mixture_or_task_name)
+    for feature, spec in provider.output_features.items():
+        size = int(spec.vocabulary.vocab_size)
+        if size > model_config.vocab_size:
+            raise ConfigError(
+                f"the vocabulary of {dataset_cfg.mixture_or_task_name!r} (feature {feature!r}) has {size} ids but "
+                f"the model's vocab_size is {model_config.vocab_size}: ids >= {model_config.vocab_size} have no "
+                f"embedding row. Set {VOCAB_SIZE_FLAG}={-(-size // 128) * 128} (or use a model file whose "
+                f"vocab_size is >= {size}), or a smaller vocabulary")
+
+
+def check_batch_ids(batch: Mapping[str, Any], vocab_size: int, step: int) -> None:
+    """Token ids of one host batch must lie in [0, vocab_size) (a cheap numpy max)."""
+    import numpy as np
+
+    for key in ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens"):
+        if key in batch and np.size(batch[key]):
+            high, low = int(np.max(batch[key])), int(np.min(batch[key]))
+            if high >= vocab_size or low < 0:
+                bad = high if high >= vocab_size else low
+                raise ConfigError(f"step {step}: batch feature {key!r} holds token id {bad}, outside the model's "
+                                  f"vocab_size {vocab_size}; set {VOCAB_SIZE_FLAG} to at least {high + 1} or "
+                                  f"use a vocabulary of at most {vocab_size} ids")
+
+
+def _diverged(step: int, metrics: Mapping[str, float], kept: str) -> TrainingDivergedError:
+    if metrics.get(PARAMS_FINITE, 1.0) != 1.0:
+        what = (f"the parameters after the update of step {step} are not finite (loss before it "
+                f"{metrics.get('loss', float('nan')):.4g}, grad_norm {metrics.get('grad_norm', float('nan')):.4g})")
+    else:
+        bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+        what = f"{bad} is not finite"
+    return TrainingDivergedError(
+        f"training diverged at step {step}: {what}; stopped without saving, {kept}. Lower the learning rate "
+        f"(OptimizerConfig.learning_rate), lengthen the warm-up, keep gradient clipping on, or use float32 "
+        f"compute, then rerun to resume from that checkpoint.")
+
+
 def train(*, model_config: ModelConfig, train_dataset_cfg: datasets.DatasetConfig, model_dir: str, train_steps: int,
           trainer_cfg: TrainerConfig = TrainerConfig(), inheritance_cfg=None,
           checkpoint_cfg: ckpt_lib.CheckpointConfig = ckpt_lib.CheckpointConfig(),
@@ -107,9 +178,21 @@ def train(*, model_config: ModelConfig, train_dataset_cfg: datasets.DatasetConfi
     if train_steps < 0:
         raise ConfigError(f"TRAIN_STEPS must be >= 0, got {train_steps}")
     model_dir = pathlib.Path(model_dir).expanduser().absolute()
-    model_dir.mkdir(parents=True, exist_ok=True)
-    if gin_config_str and jax.process_index() == 0:
-        (model_dir / "config.gin").write_text(gin_config_str)
+    created = prepare_model_dir(model_dir)
+    try:
+        return _train(model_config=model_config, train_dataset_cfg=train_dataset_cfg, model_dir=model_dir,
+                      train_steps=train_steps, trainer_cfg=trainer_cfg, checkpoint_cfg=checkpoint_cfg,
+                      eval_dataset_cfg=eval_dataset_cfg, eval_period=eval_period, eval_steps=eval_steps,
+                      mesh_shape=mesh_shape, log_period=log_period, get_dataset_fn=get_dataset_fn,
+                      progress=progress, gin_config_str=gin_config_str, inheritance_cfg=inheritance_cfg)
+    except BaseException:
+        remove_empty_dirs(created)  # a rejected run leaves no new empty directory behind
+        raise
+
+
+def _train(*, model_config, train_dataset_cfg, model_dir: pathlib.Path, train_steps, trainer_cfg, checkpoint_cfg,
+           eval_dataset_cfg, eval_period, eval_steps, mesh_shape, log_period, get_dataset_fn, progress,
+           gin_config_str, inheritance_cfg=None) -> dict[str, Any]:
     mesh = build_mesh(mesh_shape)
     trainer = Trainer(model_config, trainer_cfg, mesh, total_steps=train_steps)
     with_teacher = lambda batches: batches  # noqa: E731
@@ -127,6 +210,8 @@ def train(*, model_config: ModelConfig, train_dataset_cfg: datasets.DatasetConfi
     data_step = int(ckpts.read_json(latest, "data").get("step", latest)) if latest is not None else 0
     shard = dict(shard_index=jax.process_index(), num_shards=jax.process_count())
     batches = get_dataset_fn(train_dataset_cfg, start_step=data_step, **shard)
+    if get_dataset_fn is datasets.get_dataset:
+        check_vocabulary(model_config, train_dataset_cfg)  # before anything compiles
     bar = ProgressBar(0, train_steps, enabled=False)  # replaced once the start step is known
     state, restored_data = initial_state(trainer, ckpts, checkpoint_cfg, model_config, bar.write)
     if restored_data is not None and int(restored_data.get("step", int(jax.device_get(state.step)))) != data_step:
@@ -138,7 +223,15 @@ def train(*, model_config: ModelConfig, train_dataset_cfg: datasets.DatasetConfi
         ckpts.vocabulary = ckpt_lib.task_vocabulary(train_dataset_cfg.mixture_or_task_name)
     start = int(jax.device_get(state.step))
     batches = with_teacher(batches)
-    writer = MetricsWriter(model_dir)
+    first = None
+    if start < train_steps:  # the first batch is checked before training starts
+        first = next(batches)
+        check_batch_ids(first, model_config.vocab_size, start + 1)
+    # Training starts: only now is anything of the run's written (a rejected run leaves
+    # config.gin and metrics.jsonl as they were); rows after the restored step are replayed.
+    if gin_config_str and jax.process_index() == 0:
+        (model_dir / "config.gin").write_text(gin_config_str)
+    writer = MetricsWriter(model_dir, resume_step=start)
     bar = ProgressBar(start, train_steps, enabled=progress)
     record = ckpt_lib.config_record(model_config, gin_config_str,
                                     {"train_dataset": _jsonable(dataclasses.asdict(train_dataset_cfg))})
@@ -179,17 +272,14 @@ def train(*, model_config: ModelConfig, train_dataset_cfg: datasets.DatasetConfi
         clock = now
         for (step, _, _), metrics in zip(pending, fetched):
             metrics = {k: float(v) for k, v in metrics.items()}
-            if not _finite(metrics):
+            if not _finite(metrics) or metrics.get(PARAMS_FINITE, 1.0) != 1.0:
                 pending.clear()
                 ckpts.wait()
                 good = ckpts.latest_step()
                 kept = (f"the last good checkpoint, step {good}, is kept in {ckpts.directory}" if good is not None
                         else "no checkpoint had been written yet")
-                bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
-                raise TrainingDivergedError(
-                    f"training diverged at step {step}: {bad} is not finite; stopped without saving, {kept}. "
-                    f"Lower the learning rate (OptimizerConfig.learning_rate), lengthen the warm-up, keep gradient "
-                    f"clipping on, or use float32 compute, then rerun to resume from that checkpoint.")
+                raise _diverged(step, metrics, kept)
+            metrics.pop(PARAMS_FINITE, None)
             metrics["tokens_per_s"] = tokens_per_s * jax.process_count()
             writer.write(step, metrics, prefix="train")
             last_train = metrics
@@ -203,7 +293,8 @@ def train(*, model_config: ModelConfig, train_dataset_cfg: datasets.DatasetConfi
 
     try:
         for step in range(start, train_steps):
-            local = next(batches)
+            local = first if step == start else next(batches)
+            check_batch_ids(local, model_config.vocab_size, step + 1)
             state, metrics = trainer.train_step(state, trainer.shard_batch(local))
             done = step + 1
             pending.append((done, metrics, datasets.batch_tokens(local)))
@@ -290,7 +381,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from cpm2_jax.tf_import import quiet_tensorflow_import
+    from cpm2_jax.tf_import import default_jax_platforms, quiet_tensorflow_import
 
+    default_jax_platforms()
     quiet_tensorflow_import()
     sys.exit(main())

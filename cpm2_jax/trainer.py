@@ -12,7 +12,6 @@ global weight sum:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -25,11 +24,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cpm2_jax import losses, optim
 from cpm2_jax.config import ModelConfig
-from cpm2_jax.errors import ConfigError, CPM2Error, ShardingError
+from cpm2_jax.errors import ConfigError, CPM2Error
 from cpm2_jax.inheritance.objective import SUM_KEYS
-from cpm2_jax.model import EncoderDecoder
-from cpm2_jax.partitioning import (batch_axes, logical_specs, mesh_specs, optimizer_state_specs, rules_for_mesh,
-                                   shardings_for)
+from cpm2_jax.moe import diagnostics as moe_diagnostics
+from cpm2_jax.partitioning import ModelSharding, optimizer_state_specs
 from cpm2_jax.train_state import TrainState
 
 # Model inputs a batch may carry (t5x feature names); anything else in a batch is ignored.
@@ -40,7 +38,11 @@ REQUIRED_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_ta
 
 
 class TrainingDivergedError(CPM2Error, FloatingPointError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
+    """The loss or the updated parameters became NaN or Inf; the last good checkpoint is kept."""
+
+
+# The train-step metric that is 1.0 when every updated parameter is finite (see `all_finite`).
+PARAMS_FINITE = "params_finite"
 
 
 @gin.configurable(module="cpm2_jax.trainer")
@@ -62,17 +64,25 @@ class TrainerConfig:
 
 def _apply_model(model: nn.Module, config: ModelConfig, params, batch: Mapping[str, jax.Array], *,
                  enable_dropout: bool, dropout_rng=None):
-    """Logits and the summed MoE auxiliary losses (0 for a dense model)."""
+    """Logits, the summed MoE auxiliary losses (0 for a dense model) and the MoE routing
+    diagnostics averaged over layers ({'moe/...': scalar}; {} for a dense model)."""
     inputs = {k: batch[k] for k in MODEL_FEATURES if k in batch}
     rngs = {"dropout": dropout_rng} if enable_dropout else None
     if config.is_moe:
         logits, sown = model.apply({"params": params}, **inputs, enable_dropout=enable_dropout, rngs=rngs,
-                                   mutable=["aux_loss"])
+                                   mutable=["aux_loss", "intermediates"])
         aux_leaves = jax.tree_util.tree_leaves(sown.get("aux_loss", {}))
         aux = sum((jnp.sum(x.astype(jnp.float32)) for x in aux_leaves), jnp.zeros((), jnp.float32))
-        return logits, aux
+        return logits, aux, moe_diagnostics.layer_metrics(sown)
     logits = model.apply({"params": params}, **inputs, enable_dropout=enable_dropout, rngs=rngs)
-    return logits, jnp.zeros((), jnp.float32)
+    return logits, jnp.zeros((), jnp.float32), {}
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every element of every leaf is finite (one fused reduction in a jitted step)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def _loss_weights(batch) -> jax.Array:
@@ -91,40 +101,36 @@ class Trainer:
             raise ConfigError(f"grad_accum_steps must be >= 1, got {config.grad_accum_steps}")
         self.model_config = model_config
         self.config = config
-        self.mesh = mesh
-        self.rules = rules_for_mesh(mesh.axis_names) if rules is None else rules
-        self.model = EncoderDecoder(model_config)
+        # Mesh, rules, parameter and batch shardings: the ones eval and infer use too.
+        self.sharding = ModelSharding(model_config, mesh, rules)
+        self.mesh, self.rules, self.model = mesh, self.sharding.rules, self.sharding.model
         # Knowledge inheritance (cpm2_jax.inheritance.objective.Inheritance) or None; its
         # teacher's params are set by `set_inheritance` once this trainer's mesh exists.
         self.inheritance = None
         self.tx, self.schedule = config.optimizer.build(total_steps)
 
-        with self.mesh_and_rules():
-            boxed = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))
-        shardings = shardings_for(boxed, mesh, self.rules)
-        self.param_shardings = shardings["params"]
-        param_shapes = nn.unbox(boxed)["params"]
-        param_specs = mesh_specs(logical_specs(boxed), self.rules)["params"]
+        self.param_shardings = self.sharding.param_shardings
+        param_shapes, param_specs = self.sharding.param_shapes, self.sharding.param_specs
         self.mask = optim.trainable_mask(param_shapes, config.trainable)
         opt_shapes = jax.eval_shape(lambda p: self.tx.init(optim.trainable_subtree(p, self.mask)), param_shapes)
         opt_specs = optimizer_state_specs(opt_shapes, param_shapes, param_specs)
         opt_shardings = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), opt_specs,
                                                is_leaf=lambda x: isinstance(x, PartitionSpec))
-        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.replicated = self.sharding.replicated
         self.state_shardings = TrainState(step=self.replicated, params=self.param_shardings,
                                           opt_state=opt_shardings)
         self._state_shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=param_shapes,
                                         opt_state=opt_shapes)
 
-        self.batch_axes = batch_axes(self.rules)
-        self.data_parallel_size = math.prod(mesh.shape[a] for a in self.batch_axes)
-        self.batch_sharding = NamedSharding(mesh, PartitionSpec(self.batch_axes or None))
+        self.token_metrics = TokenMetrics(self.sharding)
+        self.moe_metric_names = self.token_metrics.moe_metric_names
+        self.batch_axes = self.sharding.batch_axes
+        self.data_parallel_size = self.sharding.data_parallel_size
+        self.batch_sharding = self.sharding.batch_sharding
         self._train_step = jax.jit(self._train_step_impl, in_shardings=(self.state_shardings, self.batch_sharding),
                                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
         if inheritance is not None:
             self.set_inheritance(inheritance)
-        self._eval_step = jax.jit(self._eval_step_impl, in_shardings=(self.param_shardings, self.batch_sharding),
-                                  out_shardings=self.replicated)
 
     def set_inheritance(self, inheritance) -> None:
         """Train with a teacher term (knowledge inheritance): the teacher's params become a
@@ -139,12 +145,7 @@ class Trainer:
     # ----------------------------------------------------------------- set-up helpers
     def mesh_and_rules(self):
         """A context in which jitted code runs on this trainer's mesh under its partition rules."""
-        import contextlib
-
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(nn.logical_axis_rules(self.rules))
-        return stack
+        return self.sharding.mesh_and_rules()
 
     def _init_variables(self, rng):
         ones = jnp.ones((1, 8), jnp.int32)
@@ -180,21 +181,11 @@ class Trainer:
     # ----------------------------------------------------------------- batches
     def check_batch_size(self, global_batch_size: int) -> None:
         """The global batch must split evenly over the data-parallel devices and micro-batches."""
-        ways = self.data_parallel_size * self.config.grad_accum_steps
-        if global_batch_size % ways:
-            axes = "x".join(self.batch_axes) or "none"
-            accum = self.config.grad_accum_steps
-            extra = f" x grad_accum_steps {accum}" if accum > 1 else ""
-            raise ShardingError(
-                f"global batch size {global_batch_size} is not divisible by the data-parallel size "
-                f"{self.data_parallel_size} (mesh axes {axes} of mesh {dict(self.mesh.shape)}){extra}; "
-                f"use a batch size that is a multiple of {ways}, or change the mesh")
+        self.sharding.check_batch_size(global_batch_size, self.config.grad_accum_steps)
 
     def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows -> global arrays sharded over the batch axes (multi-host safe)."""
-        missing = [k for k in REQUIRED_FEATURES if k not in local_batch]
-        if missing:
-            raise ConfigError(f"batch lacks feature(s) {missing}; it has {sorted(local_batch)}")
+        check_features(local_batch)
         rows = next(iter(local_batch.values())).shape[0]
         self.check_batch_size(rows * jax.process_count())
         if self.model_config.prompt is not None:  # unknown task index, no <sep> for a middle prompt
@@ -204,8 +195,7 @@ class Trainer:
                         "training batch")
         extra = self.inheritance.batch_features if self.inheritance is not None else ()
         keep = [k for k in (*MODEL_FEATURES, "decoder_loss_weights", *extra) if k in local_batch]
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_batch[k]))
-                for k in keep}
+        return self.sharding.shard_batch({k: local_batch[k] for k in keep})
 
     # ----------------------------------------------------------------- steps
     def _micro_batches(self, batch):
@@ -233,14 +223,16 @@ class Trainer:
 
         def objective(sub, micro, index, teacher_out):
             params = optim.merge_subtree(state.params, self.mask, sub)
-            logits, aux = _apply_model(self.model, self.model_config, params, micro, enable_dropout=enable_dropout,
-                                       dropout_rng=jax.random.fold_in(dropout_base, index))
+            logits, aux, moe = _apply_model(self.model, self.model_config, params, micro,
+                                            enable_dropout=enable_dropout,
+                                            dropout_rng=jax.random.fold_in(dropout_base, index))
             weights = _loss_weights(micro)
             loss_sum, z_sum, _ = losses.weighted_cross_entropy(
                 logits, micro["decoder_target_tokens"], weights, label_smoothing=cfg.label_smoothing,
                 z_loss=cfg.z_loss)
             correct = losses.weighted_correct(logits, micro["decoder_target_tokens"], weights)
-            sums = {"loss_sum": loss_sum, "z_loss_sum": z_sum, "correct": correct, "aux_loss": aux / accum}
+            sums = {"loss_sum": loss_sum, "z_loss_sum": z_sum, "correct": correct, "aux_loss": aux / accum,
+                    **{k: v / accum for k, v in moe.items()}}  # MoE diagnostics: means over micro-batches
             if ki is None:
                 return loss_sum / total_weight + aux / accum, sums
             sums.update(ki.sums(logits, micro["decoder_target_tokens"], weights, teacher_out))
@@ -251,7 +243,8 @@ class Trainer:
             return None if ki is None else ki.teacher_outputs(teacher_params, micro)
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
-        sum_keys = ("loss_sum", "z_loss_sum", "correct", "aux_loss") + (() if ki is None else SUM_KEYS)
+        sum_keys = (("loss_sum", "z_loss_sum", "correct", "aux_loss") + (() if ki is None else SUM_KEYS)
+                    + self.moe_metric_names)
         if accum == 1:
             (_, sums), grads = grad_fn(trainable, batch, 0, teacher_out(batch))
         else:
@@ -268,7 +261,8 @@ class Trainer:
                                             (self._micro_batches(batch), jnp.arange(accum)))
 
         updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
-        new_params = optim.merge_subtree(state.params, self.mask, optax.apply_updates(trainable, updates))
+        updated = optax.apply_updates(trainable, updates)
+        new_params = optim.merge_subtree(state.params, self.mask, updated)
         metrics = {
             "loss": sums["loss_sum"] / total_weight + sums["aux_loss"],
             "cross_entropy": (sums["loss_sum"] - sums["z_loss_sum"]) / total_weight,
@@ -278,20 +272,16 @@ class Trainer:
             "grad_norm": optax.global_norm(grads),
             "learning_rate": jnp.asarray(self.schedule(state.step), jnp.float32),
             "nonpadding_tokens": total_weight,
+            # 1.0 when every updated parameter is finite: the NaN guard judges the state a
+            # checkpoint would hold, not only the loss computed before the update.
+            PARAMS_FINITE: all_finite(updated).astype(jnp.float32),
+            **{k: sums[k] for k in self.moe_metric_names},
         }
         if ki is not None:
             lm = sums["loss_sum"] / total_weight
             metrics.update(ki.metrics(sums, lm, total_weight, state.step))
             metrics["loss"] = ki.mix(lm, metrics["kd_loss"], state.step)[0] + sums["aux_loss"]
         return TrainState(step=state.step + 1, params=new_params, opt_state=opt_state), metrics
-
-    def _eval_step_impl(self, params, batch):
-        logits, _ = _apply_model(self.model, self.model_config, params, batch, enable_dropout=False)
-        weights = _loss_weights(batch)
-        loss_sum, z_sum, weight_sum = losses.weighted_cross_entropy(
-            logits, batch["decoder_target_tokens"], weights, z_loss=0.0)
-        return {"loss_sum": loss_sum, "weight_sum": weight_sum,
-                "correct": losses.weighted_correct(logits, batch["decoder_target_tokens"], weights)}
 
     def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
         """One optimiser update; `state` is donated. Metrics stay on device (no host sync)."""
@@ -308,15 +298,69 @@ class Trainer:
 
     def eval_step(self, params, batch: Mapping[str, jax.Array]) -> dict:
         """Summed validation loss (no z-loss), weight and correct-token count of one batch."""
-        with self.mesh_and_rules():
-            return self._eval_step(params, dict(batch))
+        return self.token_metrics.eval_step(params, batch)
 
     def evaluate(self, params, batches) -> dict[str, float]:
         """Token-weighted loss and accuracy over an iterable of local numpy batches."""
-        totals = {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}
+        return self.token_metrics.evaluate(params, (self.shard_batch(local) for local in batches))
+
+
+def check_features(local_batch: Mapping[str, np.ndarray]) -> None:
+    missing = [k for k in REQUIRED_FEATURES if k not in local_batch]
+    if missing:
+        raise ConfigError(f"batch lacks feature(s) {missing}; it has {sorted(local_batch)}")
+
+
+class TokenMetrics:
+    """Teacher-forced validation metrics of parameters placed by a ModelSharding: token loss
+    (no z-loss), token accuracy and the MoE routing diagnostics. The trainer's validation and
+    `cpm2 eval` both use it (no optimiser state is built for it)."""
+
+    def __init__(self, sharding: ModelSharding):
+        self.sharding = sharding
+        self.model_config = sharding.model_config
+        self.moe_metric_names = self._moe_metric_names()
+        self._eval_step = jax.jit(self._eval_step_impl, in_shardings=(sharding.param_shardings,
+                                                                      sharding.batch_sharding),
+                                  out_shardings=sharding.replicated)
+
+    def _moe_metric_names(self) -> tuple[str, ...]:
+        """The MoE diagnostics this model reports (shapes only: nothing runs)."""
+        if not self.model_config.is_moe:
+            return ()
+        ones = jnp.ones((1, 8), jnp.int32)
+        batch = {"encoder_input_tokens": ones, "decoder_input_tokens": ones, "decoder_target_tokens": ones}
+        with self.sharding.mesh_and_rules():
+            moe = jax.eval_shape(lambda p: _apply_model(self.sharding.model, self.model_config, p, batch,
+                                                        enable_dropout=True, dropout_rng=jax.random.PRNGKey(0))[2],
+                                 self.sharding.param_shapes)
+        return tuple(moe)
+
+    def _eval_step_impl(self, params, batch):
+        logits, _, moe = _apply_model(self.sharding.model, self.model_config, params, batch, enable_dropout=False)
+        weights = _loss_weights(batch)
+        loss_sum, z_sum, weight_sum = losses.weighted_cross_entropy(
+            logits, batch["decoder_target_tokens"], weights, z_loss=0.0)
+        return {"loss_sum": loss_sum, "weight_sum": weight_sum,
+                "correct": losses.weighted_correct(logits, batch["decoder_target_tokens"], weights), **moe}
+
+    def eval_step(self, params, batch: Mapping[str, jax.Array]) -> dict:
+        """Summed validation loss (no z-loss), weight and correct-token count of one placed batch."""
+        with self.sharding.mesh_and_rules():
+            return self._eval_step(params, dict(batch))
+
+    def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows of the model's features -> global arrays over the batch axes."""
+        check_features(local_batch)
+        keep = [k for k in (*MODEL_FEATURES, "decoder_loss_weights") if k in local_batch]
+        return self.sharding.shard_batch({k: local_batch[k] for k in keep})
+
+    def evaluate(self, params, placed_batches) -> dict[str, float]:
+        """Token-weighted loss and accuracy (and MoE diagnostics, batch means) over placed batches."""
+        totals = {k: 0.0 for k in ("loss_sum", "weight_sum", "correct", *self.moe_metric_names)}
         count = 0
-        for local in batches:
-            out = jax.device_get(self.eval_step(params, self.shard_batch(local)))
+        for placed in placed_batches:
+            out = jax.device_get(self.eval_step(params, placed))
             for k in totals:
                 totals[k] += float(out[k])
             count += 1
@@ -324,4 +368,5 @@ class Trainer:
             raise ConfigError("evaluation saw no batches (or no target tokens): is the split empty?")
         return {"loss": totals["loss_sum"] / totals["weight_sum"],
                 "accuracy": totals["correct"] / totals["weight_sum"],
-                "tokens": totals["weight_sum"], "batches": count}
+                "tokens": totals["weight_sum"], "batches": count,
+                **{k: totals[k] / count for k in self.moe_metric_names}}  # MoE diagnostics: batch means

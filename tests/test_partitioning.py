@@ -78,3 +78,22 @@ def test_rules_table_names_every_model_axis():
     used = {a for spec in jax.tree_util.tree_leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, P))
             for a in spec}
     assert used <= names, used - names
+
+
+def test_model_sharding_places_params_and_batches_by_the_rules():
+    """The one place train, eval and infer take shardings from (no Trainer needed)."""
+    import jax
+    import numpy as np
+
+    from cpm2_jax.config import get_config
+    from cpm2_jax.errors import ShardingError
+    from cpm2_jax.partitioning import ModelSharding
+
+    sharding = ModelSharding.for_shape(get_config("tiny"), {"data": 2, "model": 4})
+    assert sharding.param_shardings["token_embedder"]["embedding"].spec == jax.sharding.PartitionSpec("model", None)
+    assert sharding.batch_axes == ("data",) and sharding.data_parallel_size == 2
+    placed = sharding.shard_batch({"encoder_input_tokens": np.arange(8, dtype=np.int32).reshape(4, 2)})
+    assert placed["encoder_input_tokens"].sharding == sharding.batch_sharding
+    np.testing.assert_array_equal(np.asarray(placed["encoder_input_tokens"]), np.arange(8).reshape(4, 2))
+    with pytest.raises(ShardingError, match="global batch size 3 is not divisible by the data-parallel size 2"):
+        sharding.check_batch_size(3)

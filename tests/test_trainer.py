@@ -143,3 +143,49 @@ def test_finetune_starts_from_another_runs_checkpoint(tmp_path):
                     mesh_shape={"data": 2}, log_period=1, get_dataset_fn=byte_pairs_dataset, progress=False)
     assert summary["start_step"] == 0 and summary["step"] == 2  # a new run: step and optimizer restart
     assert np.isfinite(summary["train"]["loss"])
+
+
+def test_moe_diagnostics_reach_the_train_and_eval_metrics():
+    """Router load balance, dropped fraction, entropy and the router losses, averaged over
+    the MoE layers, equal what the layers sow (recomputed here from a plain apply)."""
+    import flax.linen as nn
+
+    config = TINY.replace(num_experts=4, moe_router="top_k", moe_capacity_factor=1.0)
+    trainer = _trainer({"data": 2}, model_config=config)
+    batch = next(byte_pairs_dataset(_data(batch=8)))
+    state = trainer.init_state()
+    params = jax.device_get(state.params)
+    _, metrics = trainer.train_step(state, trainer.shard_batch(batch))
+    evaluated = trainer.evaluate(params, [batch])
+    names = {"moe/expert_utilization", "moe/load_max_over_mean", "moe/fraction_dropped", "moe/router_entropy",
+             "moe/load_balancing_loss", "moe/router_z_loss"}
+    assert set(trainer.moe_metric_names) == names and names <= set(metrics) and names <= set(evaluated)
+
+    # Reference: the eval pass's sown values, reduced by hand (4 experts x 4 MoE layers).
+    inputs = {k: batch[k] for k in ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")}
+    _, sown = trainer.model.apply({"params": params}, **inputs, enable_dropout=False,
+                                  mutable=["intermediates", "aux_loss"])
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(nn.unbox(sown))[0]}
+    loads = np.stack([v for k, v in flat.items() if "expert_load" in k])
+    assert loads.shape == (4, 4)
+    np.testing.assert_allclose(evaluated["moe/load_max_over_mean"], np.mean(loads.max(-1) * 4), rtol=1e-5)
+    np.testing.assert_allclose(evaluated["moe/expert_utilization"], np.mean(loads > 0), rtol=1e-6)
+    for name in names - {"moe/expert_utilization", "moe/load_max_over_mean"}:
+        values = [v for k, v in flat.items() if name.split("/")[1] in k]
+        assert len(values) == 4, name
+        np.testing.assert_allclose(evaluated[name], np.mean(values), rtol=1e-5, err_msg=name)
+    assert 1.0 <= float(metrics["moe/load_max_over_mean"]) <= 4.0
+    assert 0.0 <= float(metrics["moe/fraction_dropped"]) < 1.0
+
+
+def test_non_finite_parameters_are_never_saved(tmp_path):
+    """An infinite learning rate: the loss of step 1 (computed before the update) is finite,
+    the parameters after it are not; that step is named and no checkpoint is written."""
+    opt = OptimizerConfig(learning_rate=float("inf"), schedule="constant", warmup_steps=1)
+    with pytest.raises(TrainingDivergedError, match=r"diverged at step 1: the parameters after the update of step 1 "
+                                                    r"are not finite.*no checkpoint had been written"):
+        train(model_config=TINY, train_dataset_cfg=_data(batch=8), model_dir=str(tmp_path), train_steps=3,
+              trainer_cfg=TrainerConfig(optimizer=opt), checkpoint_cfg=ckpt_lib.CheckpointConfig(period=1),
+              mesh_shape={"data": 2}, log_period=10, get_dataset_fn=byte_pairs_dataset, progress=False)
+    assert ckpt_lib.Checkpoints(tmp_path / "checkpoints").all_steps() == []
