@@ -44,6 +44,20 @@ def test_backends_agree_on_outputs_and_gradients(router, k, cf):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=backend)
 
 
+def test_pallas_with_experts_choose_routing_and_the_fused_ffn():
+    """Experts-choose routing has no fixed k per token: with backend pallas its dispatch keeps
+    jnp.take and the segment-sum combine (no permutation kernels), while the experts run as the
+    fused gated-GELU kernels (interpret mode on CPU); outputs and gradients equal ragged_dot's."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 64))
+    c = config("experts_choose", 1, 1.0, moe_fused_ffn=True)
+    params = nn.unbox(MoeBlock(config=c).init(jax.random.PRNGKey(1), x))["params"]
+    y_ref, g_ref = loss_and_grads(c.replace(moe_backend="ragged_dot"), params, x)
+    y, grads = loss_and_grads(c.replace(moe_backend="pallas"), params, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("router,k,cf", [("balanced", 1, 1.0), ("top_k", 2, 2.0)])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_cpu_expert_loop_equals_the_batched_dot(monkeypatch, router, k, cf, dropout):
