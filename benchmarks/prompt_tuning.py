@@ -1,0 +1,227 @@
+"""Prompt tuning vs full fine-tuning on real data, and where the prompt should sit (CPM2_FACTS
+"Prompt tuning": on LCQMC, front 88.38 / back 88.50 / middle 89.20 / front+middle+back 90.65).
+
+1. Pre-trains a small CPM-2 (span corruption, `cpm2_pretrain_bilingual` over ../shared/data).
+2. From that backbone, on `translation_match` (an (English, Chinese) pair with `<sep>` between
+   them -> 是/否: the local stand-in for LCQMC) and on a generation task (`man_summary_zh`):
+   full fine-tuning (every parameter, AdamW) and prompt tuning (the backbone frozen, a prompt
+   at front / middle / back / front+middle+back, learning rate 0.005 constant as the paper).
+3. Every `--eval_every` steps: the validation metric (the pair task: label accuracy, the
+   first target token's argmax; the generation task: teacher-forced token accuracy) and loss.
+   "Steps to converge": the first evaluation reaching 95% of that run's best metric.
+Writes a table (JSON, printed last), benchmarks/results/prompt_tuning.json and a PNG of the
+curves. The default budget is meant for ~45 minutes on 2 quiet CPU cores (not yet run);
+`--quick` runs every code path once (pair task: full, middle, front+middle+back; generation
+task: front) on a toy budget and writes prompt_tuning_quick.{json,png}, which are no result.
+
+    python benchmarks/prompt_tuning.py [--quick] [--pretrain_steps 1500] [--tune_steps 300]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from report import RESULTS_DIR, machine_info, write_report  # noqa: E402  (benchmarks/report.py)
+
+PAIR_TASK, GEN_TASK = "translation_match", "man_summary_zh"
+PLACEMENTS = ("front", "middle", "back", "front+middle+back")
+
+
+def log(msg: str) -> None:
+    print(f"[prompt_tuning {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def batches(name, split, lengths, batch, *, epochs=None, seed=0):
+    from cpm2_jax import datasets
+
+    cfg = datasets.DatasetConfig(name, lengths, split=split, batch_size=batch, shuffle=split == "train",
+                                 seed=seed, pack=False, num_epochs=epochs)
+    return datasets.get_dataset(cfg)
+
+
+def make_trainer(config, trainable, lr, steps):
+    from cpm2_jax.optim import OptimizerConfig
+    from cpm2_jax.partitioning import make_mesh
+    from cpm2_jax.trainer import Trainer, TrainerConfig
+
+    opt = OptimizerConfig(learning_rate=lr, schedule="constant", weight_decay=0.0)
+    return Trainer(config, TrainerConfig(optimizer=opt, trainable=trainable), make_mesh({"data": 1}), total_steps=steps)
+
+
+def pretrain(config, args):
+    from cpm2_jax.optim import OptimizerConfig
+    from cpm2_jax.partitioning import make_mesh
+    from cpm2_jax.trainer import Trainer, TrainerConfig
+
+    lengths = {"inputs": args.enc_len, "targets": args.enc_len // 4}
+    trainer = Trainer(config, TrainerConfig(optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=100)),
+                      make_mesh({"data": 1}), total_steps=args.pretrain_steps)
+    source = batches("cpm2_pretrain_bilingual", "train", lengths, args.batch)
+    state = trainer.init_state()
+    start = time.perf_counter()
+    for step in range(1, args.pretrain_steps + 1):
+        state, metrics = trainer.train_step(state, trainer.shard_batch(next(source)))
+        if step % max(args.pretrain_steps // 10, 1) == 0:
+            log(f"pre-training step {step}/{args.pretrain_steps}: loss {float(metrics['loss']):.3f} "
+                f"({time.perf_counter() - start:.0f} s)")
+    _close(source)
+    return state.params, float(metrics["loss"])
+
+
+def _close(source):
+    close = getattr(source, "close", None)
+    if callable(close):
+        close()
+
+
+def validation_batches(task, lengths, batch, limit):
+    source = batches(task, "validation", lengths, batch, epochs=1)
+    out = []
+    for b in source:
+        out.append(b)
+        if len(out) >= limit:
+            break
+    _close(source)
+    return out
+
+
+def evaluate(trainer, params, val, label_only: bool):
+    """(metric, loss): label accuracy (first target token) or teacher-forced token accuracy."""
+    import jax
+    import jax.numpy as jnp
+
+    model = trainer.model
+    if not hasattr(trainer, "_first_token_correct"):  # compiled once per trainer
+        def first_token_correct(p, enc, dec, tgt):
+            logits = model.apply({"params": p}, enc, dec)
+            return jnp.sum((jnp.argmax(logits[:, 0], -1) == tgt[:, 0]) & (tgt[:, 0] > 0)), jnp.sum(tgt[:, 0] > 0)
+
+        trainer._first_token_correct = jax.jit(first_token_correct)
+    first_token_correct = trainer._first_token_correct
+
+    result = trainer.evaluate(params, val)
+    if not label_only:
+        return result["accuracy"], result["loss"]
+    hits = total = 0
+    for b in val:
+        h, n = first_token_correct(params, b["encoder_input_tokens"], b["decoder_input_tokens"],
+                                   b["decoder_target_tokens"])
+        hits, total = hits + int(h), total + int(n)
+    return hits / max(total, 1), result["loss"]
+
+
+def tune(backbone, base_config, task, variant, args):
+    """One fine-tuning run; returns its curve and summary."""
+    import jax
+    import numpy as np
+
+    from cpm2_jax.prompts import PromptConfig
+    from cpm2_jax.prompts import init as prompt_init
+
+    lengths = {"inputs": args.enc_len, "targets": 8 if task == PAIR_TASK else args.gen_targets}
+    if variant == "full":
+        config, trainable, lr = base_config.replace(dropout_rate=0.1), None, args.full_lr
+        params = backbone
+    else:
+        prompt = PromptConfig(length=args.prompt_length, placement=variant, init="vocab")
+        config, trainable, lr = base_config.replace(prompt=prompt, dropout_rate=0.1), ["prompt"], args.prompt_lr
+    trainer = make_trainer(config, trainable, lr, args.tune_steps)
+    if variant != "full":
+        fresh = trainer.init_state().params
+        params = prompt_init.initialize({**backbone, "prompt": fresh["prompt"]}, config)
+    state = trainer.state_from_params(params)
+    val = validation_batches(task, lengths, args.batch, args.val_batches)
+    source = batches(task, "train", lengths, args.batch, seed=1)
+    curve = []
+    start = time.perf_counter()
+    for step in range(1, args.tune_steps + 1):
+        state, _ = trainer.train_step(state, trainer.shard_batch(next(source)))
+        if step % args.eval_every == 0 or step == args.tune_steps:
+            metric, loss = evaluate(trainer, state.params, val, label_only=task == PAIR_TASK)
+            curve.append({"step": step, "metric": round(metric, 4), "loss": round(loss, 4)})
+    _close(source)
+    best = max(c["metric"] for c in curve)
+    converged = next(c["step"] for c in curve if c["metric"] >= 0.95 * best)
+    leaves = zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(trainer.mask))
+    trained = int(sum(np.prod(x.shape) for x, m in leaves if m))
+    log(f"{task} / {variant}: best {best:.4f}, final {curve[-1]['metric']:.4f}, converged at step {converged} "
+        f"({time.perf_counter() - start:.0f} s, {trained:,} trained parameters)")
+    return {"task": task, "variant": variant, "best_metric": best, "final_metric": curve[-1]["metric"],
+            "final_loss": curve[-1]["loss"], "steps_to_converge": converged, "trained_parameters": trained,
+            "seconds": round(time.perf_counter() - start, 1), "curve": curve}
+
+
+def plot(runs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in runs})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4))
+    for ax, task in zip(axes if len(tasks) > 1 else [axes], tasks):
+        for r in (r for r in runs if r["task"] == task):
+            ax.plot([c["step"] for c in r["curve"]], [c["metric"] for c in r["curve"]], marker="o", label=r["variant"])
+        ax.set_title(f"{task} ({'label accuracy' if task == PAIR_TASK else 'token accuracy'})")
+        ax.set_xlabel("fine-tuning step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny budget: checks the machinery only")
+    parser.add_argument("--pretrain_steps", type=int, default=1500)
+    parser.add_argument("--tune_steps", type=int, default=300)
+    parser.add_argument("--eval_every", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--enc_len", type=int, default=128)
+    parser.add_argument("--gen_targets", type=int, default=24)
+    parser.add_argument("--val_batches", type=int, default=8)
+    parser.add_argument("--prompt_length", type=int, default=20)
+    parser.add_argument("--prompt_lr", type=float, default=0.005)
+    parser.add_argument("--full_lr", type=float, default=3e-4)
+    args = parser.parse_args()
+    plan = [(task, variant) for task in (PAIR_TASK, GEN_TASK) for variant in ("full",) + PLACEMENTS]
+    if args.quick:  # every code path once (a full, a middle and a split prompt run), not a result
+        args.pretrain_steps, args.tune_steps, args.eval_every, args.val_batches = 5, 4, 2, 1
+        args.batch, args.enc_len = 4, 96
+        plan = [(PAIR_TASK, "full"), (PAIR_TASK, "middle"), (PAIR_TASK, "front+middle+back"), (GEN_TASK, "front")]
+    from cpm2_jax.config import get_config
+
+    base = get_config("tiny", vocab_size=_vocab_size())
+    start = time.perf_counter()
+    backbone, pretrain_loss = pretrain(base, args)
+    runs = [tune(backbone, base, task, variant, args) for task, variant in plan]
+    name = "prompt_tuning_quick" if args.quick else "prompt_tuning"  # a quick run is no result
+    plot_path = RESULTS_DIR / f"{name}.png"
+    plot(runs, plot_path)
+    table = {task: {r["variant"]: {k: r[k] for k in ("best_metric", "final_metric", "steps_to_converge",
+                                                     "trained_parameters")} for r in runs if r["task"] == task}
+             for task in (PAIR_TASK, GEN_TASK)}
+    pair = table[PAIR_TASK]
+    prompt_best = max((v for v in PLACEMENTS if v in pair), key=lambda v: pair[v]["best_metric"])
+    report = {"benchmark": "prompt_tuning", "quick": args.quick, "settings": vars(args),
+              "pretrain_loss": round(pretrain_loss, 4), "table": table,
+              "pair_task_best_placement": prompt_best,
+              "middle_beats_front_and_back_on_pair_task": None if args.quick else pair["middle"]["best_metric"]
+              > max(pair["front"]["best_metric"], pair["back"]["best_metric"]),
+              "paper_lcqmc": {"front": 88.38, "back": 88.50, "middle": 89.20, "front+middle+back": 90.65},
+              "plot": str(plot_path), "runs": runs, "seconds": round(time.perf_counter() - start, 1),
+              "machine": machine_info()}
+    write_report(report, RESULTS_DIR / f"{name}.json")
+
+
+def _vocab_size() -> int:
+    """The model vocabulary: the data tasks' vocabulary size rounded up to a multiple of 128."""
+    from cpm2_jax.tasks.settings import default_vocabulary
+
+    size = default_vocabulary().vocab_size
+    return -(-size // 128) * 128
+
+
+if __name__ == "__main__":
+    main()
