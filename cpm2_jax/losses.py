@@ -143,7 +143,8 @@ def topk_distillation_kl(student_logits: jax.Array, topk_ids: jax.Array, topk_lo
     hit = jnp.zeros(s.shape, bool)
     hit = jnp.put_along_axis(hit, ids, True, axis=-1, inplace=False)
     log_q_other = jax.nn.logsumexp(jnp.where(hit, -jnp.inf, s), axis=-1) - log_zs
-    safe = p_other > 1e-7
+    # k = V leaves no student id outside the k (log q_other = -inf) and a rounding-level p_other.
+    safe = (p_other > 1e-7) & jnp.isfinite(log_q_other)
     other = jnp.where(safe, p_other * (jnp.log(jnp.where(safe, p_other, 1.0)) - jnp.where(safe, log_q_other, 0.0)),
                       0.0)
     return temperature ** 2 * (kl + other)

@@ -108,6 +108,13 @@ def test_topk_distillation_equals_full_when_k_is_the_vocabulary():
     log_z = jax.nn.logsumexp(teacher / t, axis=-1)
     topk = losses.topk_distillation_kl(student, order, jnp.take_along_axis(teacher, order, -1), log_z, t)
     np.testing.assert_allclose(np.asarray(topk), np.asarray(full), rtol=1e-5, atol=1e-6)
+    # A wide, peaked teacher: 1 - sum(p) over all V ids is rounding noise, not an "other" mass.
+    wide_s = jnp.asarray(rng.normal(size=(4, 512)), jnp.float32)
+    wide_t = jnp.asarray(rng.normal(size=(4, 512)) * 30, jnp.float32)
+    wide_order = jnp.argsort(-wide_t, axis=-1)
+    wide = losses.topk_distillation_kl(wide_s, wide_order, jnp.take_along_axis(wide_t, wide_order, -1),
+                                       jax.nn.logsumexp(wide_t / t, axis=-1), t)
+    np.testing.assert_allclose(np.asarray(wide), np.asarray(losses.distillation_kl(wide_s, wide_t, t)), rtol=1e-4)
     # With k < V the rest of the mass is one bucket: KL over (top-k ids, other) by hand.
     k = 3
     ids = order[..., :k]
