@@ -8,8 +8,13 @@ lax.ragged_dot and jax's shipped Mosaic GPU ragged dot (Hopper only), for CPM-2-
 In order: correctness of every contender against ragged_dot (gmm output and weight gradient);
 gmm and tgmm TFLOP/s for 8k-64k tokens with balanced and Zipf-skewed group sizes (ours,
 ragged_dot, Mosaic GPU's ragged_dot / transposed_ragged_dot), with ours/theirs ratios and the
-fraction of the bf16 peak (data sheet, and a measured dense XLA matmul); the MoE layer forward+
-backward with backend pallas vs xla. Targets (issue 13): gmm >= 1.5x ragged_dot, >= 0.9x Mosaic
+fraction of the bf16 peak (data sheet, and a measured dense XLA matmul); the gated-GELU expert
+FFN fused (kernels.ffn) vs unfused (three gmms; and ragged_dot), forward and forward+backward;
+the permutation kernels vs XLA's gather (GB/s, fraction of a measured copy bandwidth); the MoE
+layer forward+backward for backend pallas (permutation kernels + gmm), pallas with the fused
+FFN, pallas with XLA's gather, and xla; last, the defaults the figures argue for
+("recommended default: ..." lines and the report's `recommendation`: moe_backend auto ->
+pallas?, moe_fused_ffn, moe_permute_kernels). Targets (issue 13): gmm >= 1.5x ragged_dot, >= 0.9x Mosaic
 GPU; the MoE layer >= 40% of the bf16 peak. Sized to finish in under 5 minutes on an H100.
 Prints one JSON object last and writes benchmarks/results/kernels_gpu.json (--smoke:
 kernels_gpu_smoke.json).
@@ -28,8 +33,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from cpm2_jax.kernels import Blocks, gmm, kernel_config, tgmm  # noqa: E402
-from kernel_suite import (add_arguments, bf16_peak, measured_matmul_tflops, problem, run_suite,  # noqa: E402
-                          summary, xla_ragged_dot)
+from kernel_suite import (LAYER_VARIANTS, add_arguments, bf16_peak, measured_copy_gbps,  # noqa: E402
+                          measured_matmul_tflops, problem, run_suite, summary, xla_ragged_dot)
 from report import RESULTS_DIR, machine_info, write_report  # noqa: E402
 
 
@@ -70,11 +75,14 @@ def main(argv=None) -> dict:
     device = jax.devices()[0]
     peak, kind = bf16_peak(device)
     measured = None if args.smoke else measured_matmul_tflops(8192, args.reps)
+    bandwidth = None if args.smoke else measured_copy_gbps(args.reps)
     log(f"device {kind}: data-sheet bf16 peak {peak} TFLOP/s, dense XLA matmul {measured} TFLOP/s")
     result = run_suite(contenders=contenders(blocks, interpret, mosaic), ours="ours", tokens_list=tokens,
                        shape=shape, skews=args.skews, reps=args.reps, peak=peak or measured,
-                       layer_backends=["pallas", "xla"], layer_tokens=layer_tokens,
-                       dtype="float32" if args.smoke else "bfloat16", log=log)
+                       layer_backends=list(LAYER_VARIANTS), layer_tokens=layer_tokens,
+                       dtype="float32" if args.smoke else "bfloat16", log=log,
+                       kernel_config=kernel_config("gpu", blocks, interpret=interpret), ffn_tokens=args.ffn_tokens,
+                       permute_tokens=args.permute_tokens, permute_k=args.permute_k, bandwidth=bandwidth)
     others = ["xla_ragged_dot"] + ([] if interpret else ["mosaic_gpu"])
     report = {
         "benchmark": "kernels_gpu_smoke" if args.smoke else "kernels_gpu",
@@ -83,6 +91,7 @@ def main(argv=None) -> dict:
         "blocks": {"tm": tm, "tk": tk, "tn": tn, "num_warps": args.warps, "num_stages": args.stages},
         "mosaic_gpu_blocks": mosaic,
         "device_kind": kind, "bf16_peak_tflops_datasheet": peak, "dense_matmul_tflops_measured": measured,
+        "copy_gbps_measured": bandwidth,
         "summary": summary(result, "ours", others),
         "targets": {"gmm_speedup_vs_xla_ragged_dot": ">= 1.5", "gmm_speedup_vs_mosaic_gpu": ">= 0.9",
                     "moe_layer_fraction_of_bf16_peak": ">= 0.4"},

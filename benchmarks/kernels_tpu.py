@@ -8,7 +8,9 @@ XLA's lax.ragged_dot, for CPM-2-MoE shapes.
 In order: correctness of every contender against ragged_dot (gmm output and weight gradient);
 gmm and tgmm TFLOP/s for 8k-64k tokens with balanced and Zipf-skewed group sizes (ours,
 megablox with the same tiling, ragged_dot), with ratios and the fraction of the bf16 peak;
-the MoE layer forward+backward with backend pallas vs xla. Prints one JSON object last and
+the fused expert FFN vs unfused, the permutation kernels vs XLA's gather, the MoE layer
+forward+backward variants (benchmarks/kernel_suite.LAYER_VARIANTS) and the defaults they argue
+for, as benchmarks/kernels_gpu.py. Prints one JSON object last and
 writes benchmarks/results/kernels_tpu.json (--smoke: kernels_tpu_smoke.json).
 """
 from __future__ import annotations
@@ -26,8 +28,8 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental.pallas.ops.tpu.megablox.gmm import gmm as megablox_gmm, tgmm as megablox_tgmm  # noqa: E402
 
 from cpm2_jax.kernels import Blocks, gmm, kernel_config, tgmm  # noqa: E402
-from kernel_suite import (add_arguments, bf16_peak, measured_matmul_tflops, problem, run_suite,  # noqa: E402
-                          summary, xla_ragged_dot)
+from kernel_suite import (LAYER_VARIANTS, add_arguments, bf16_peak, measured_copy_gbps,  # noqa: E402
+                          measured_matmul_tflops, problem, run_suite, summary, xla_ragged_dot)
 from report import RESULTS_DIR, machine_info, write_report  # noqa: E402
 
 
@@ -64,17 +66,21 @@ def main(argv=None) -> dict:
     tm, tk, tn = args.blocks or ((16, 16, 16) if args.smoke else (default.tm, default.tk, default.tn))
     peak, kind = bf16_peak(jax.devices()[0])
     measured = None if args.smoke else measured_matmul_tflops(8192, args.reps)
+    bandwidth = None if args.smoke else measured_copy_gbps(args.reps)
     log(f"device {kind}: data-sheet bf16 peak {peak} TFLOP/s, dense XLA matmul {measured} TFLOP/s")
     result = run_suite(contenders=contenders(Blocks(tm, tk, tn), args.smoke), ours="ours", tokens_list=tokens,
                        shape=shape, skews=args.skews, reps=args.reps, peak=peak or measured,
-                       layer_backends=["pallas", "xla"], layer_tokens=layer_tokens,
-                       dtype="float32" if args.smoke else "bfloat16", log=log)
+                       layer_backends=list(LAYER_VARIANTS), layer_tokens=layer_tokens,
+                       dtype="float32" if args.smoke else "bfloat16", log=log,
+                       kernel_config=kernel_config("tpu", Blocks(tm, tk, tn), interpret=args.smoke), ffn_tokens=args.ffn_tokens,
+                       permute_tokens=args.permute_tokens, permute_k=args.permute_k, bandwidth=bandwidth)
     report = {
         "benchmark": "kernels_tpu_smoke" if args.smoke else "kernels_tpu",
         "mode": "interpret (CPU smoke run: no timing meaning)" if args.smoke else "device",
         "shape": {**shape, "dtype": "bfloat16", "tokens": tokens},
         "blocks": {"tm": tm, "tk": tk, "tn": tn},
         "device_kind": kind, "bf16_peak_tflops_datasheet": peak, "dense_matmul_tflops_measured": measured,
+        "copy_gbps_measured": bandwidth,
         "summary": summary(result, "ours", ["megablox", "xla_ragged_dot"]),
         **result,
         "seconds": round(time.time() - start, 1),
