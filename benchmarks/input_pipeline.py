@@ -15,7 +15,8 @@ vocabulary (`$CPM2_VOCAB`, default: the automatic one, trained once and cached).
   measurement at step 0 and at a real step-50 state. A straight run to step 100,000 is out of
   reach here (3.2M examples), so that state is the step-50 one advanced along each task's
   record order by its measured records per step (the restore reads the same things at any
-  step: one document per task, at the position it names).
+  step: one document per task, at the position it names). Side by side: `replay_s_at_50`,
+  the same step-50 resume without a saved position (what every resume did before: replay).
 * `train_examples_per_s` / `headroom`: the `small` config's train step on the same batches;
   headroom = examples_per_s / train_examples_per_s (target >= 3).
 
@@ -130,6 +131,7 @@ def main() -> int:
     state_100k = advanced_state(state_50, 50, RESUME_STEP, real)
     resume = {"step_0": time_restore(start_state), "step_50": time_restore(state_50),
               "step_100000": time_restore(state_100k)}
+    replay_50 = time_restore({k: v for k, v in state_50.items() if k != "position"})
 
     train_examples_per_s = _train_examples_per_s(batch, args.train_steps) if args.train_steps else None
     result = {
@@ -140,6 +142,7 @@ def main() -> int:
         "decoder_fill": round(decoder_fill, 4),
         "resume_s_at_100k": round(resume["step_100000"], 2),
         "resume_s": {k: round(v, 2) for k, v in resume.items()},
+        "replay_s_at_50": round(replay_50, 2),
         "fill_at_targets_256": {"encoder_fill": round(fill_256[0], 4), "decoder_fill": round(fill_256[1], 4),
                                 "batches": max(1, args.fill_batches // 10)},
         "note": ("fill: non-padding fraction over fill_batches batches (targets >= 0.97 encoder, >= 0.9 decoder); "
@@ -160,8 +163,37 @@ def main() -> int:
         "vocab_size": settings.default_vocabulary().vocab_size,
         "machine": machine_info(),
     }
+    result["plot"] = str(plot(result, RESULT.with_suffix(".png")))
     write_report(result, RESULT)
     return 0
+
+
+def plot(result: dict, path):
+    """Resume time by step (saved position vs replay) and row fill at targets 114 vs 256."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = ["position, step 0", "position, step 50", "position, step 100k", "replay, step 50"]
+    values = [*result["resume_s"].values(), result["replay_s_at_50"]]
+    axes[0].bar(labels, values, color=["C0", "C0", "C0", "C3"])
+    axes[0].set_ylabel("seconds to the first batch (fresh process)")
+    axes[0].tick_params(axis="x", labelrotation=15)
+    fills = {"targets 114": (result["encoder_fill"], result["decoder_fill"]),
+             "targets 256": tuple(result["fill_at_targets_256"][k] for k in ("encoder_fill", "decoder_fill"))}
+    for offset, (label, (enc, dec)) in enumerate(fills.items()):
+        axes[1].bar([offset * 0.4, 1 + offset * 0.4], [enc, dec], width=0.35, label=label)
+    axes[1].set_xticks([0.2, 1.2], ["encoder", "decoder"])
+    axes[1].set_ylabel("non-padding fraction")
+    axes[1].set_ylim(0, 1.05)
+    axes[1].legend()
+    fig.suptitle(f"{result['task']}, inputs 512, batch {result['batch_size']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _train_examples_per_s(batch, steps: int) -> float:
