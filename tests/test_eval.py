@@ -88,3 +88,32 @@ def test_two_processes_give_the_one_process_metrics(checkpoint, tmp_path, shared
     assert sorted(a) == sorted(b) and "bleu" in a and a["examples"] == 6.0
     for key in a:
         assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+def test_greedy_outputs_of_mixed_lengths_are_scored(checkpoint, tmp_path, capsys, monkeypatch, shared_data):
+    """Outputs that stop at different lengths (EOS after 1..4 ids) reach seqio's metrics
+    (it once failed there: np.array of ragged predictions)."""
+    import dataclasses
+
+    import numpy as np
+
+    from cpm2_jax import decoding
+
+    real = decoding.decode
+
+    def stopping_early(*args, **kwargs):
+        out = real(*args, **kwargs)
+        tokens = np.array(out.tokens)
+        for row in range(tokens.shape[0]):
+            stop = row % 4 + 1
+            tokens[row, stop], tokens[row, stop + 1:] = decoding.EOS_ID, 0
+        return dataclasses.replace(out, tokens=tokens)
+
+    monkeypatch.setattr(decoding, "decode", stopping_early)
+    out = tmp_path / "eval"
+    code = eval_bin.main(_args(checkpoint, out, "en_zh"))
+    assert code == 0, capsys.readouterr().err[-2000:]
+    metrics = json.loads((out / "eval_validation.json").read_text())["tasks"]["en_zh"]
+    assert "bleu" in metrics and metrics["examples"] == 6.0
+    assert eval_bin.prediction_rows(np.array([[5, 6, 1, 0], [5, 1, 7, 7], [5, 6, 7, 8]])) == [
+        [5, 6, 1, 0], [5, 1, 0, 0], [5, 6, 7, 8]]  # ids after an EOS become pad
