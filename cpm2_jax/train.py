@@ -207,9 +207,12 @@ def _train(*, model_config, train_dataset_cfg, model_dir: pathlib.Path, train_st
                                  async_save=checkpoint_cfg.async_save)
     # The data comes first: a bad task name fails before anything compiles.
     latest = ckpts.latest_step()
-    data_step = int(ckpts.read_json(latest, "data").get("step", latest)) if latest is not None else 0
+    data_state = ckpts.read_json(latest, "data") if latest is not None else {}
+    data_step = int(data_state.get("step", latest)) if latest is not None else 0
     shard = dict(shard_index=jax.process_index(), num_shards=jax.process_count())
-    batches = get_dataset_fn(train_dataset_cfg, start_step=data_step, **shard)
+    # The real pipeline continues from the saved data position in constant time; other sources replay.
+    resume = (lambda saved: {"data_state": saved}) if get_dataset_fn is datasets.get_dataset else (lambda saved: {})
+    batches = get_dataset_fn(train_dataset_cfg, start_step=data_step, **resume(data_state), **shard)
     if get_dataset_fn is datasets.get_dataset:
         check_vocabulary(model_config, train_dataset_cfg)  # before anything compiles
     bar = ProgressBar(0, train_steps, enabled=False)  # replaced once the start step is known
@@ -218,7 +221,7 @@ def _train(*, model_config, train_dataset_cfg, model_dir: pathlib.Path, train_st
         # An unreadable newer step was skipped: the data restarts where the restored step was.
         _close(batches)
         data_step = int(restored_data.get("step", int(jax.device_get(state.step))))
-        batches = get_dataset_fn(train_dataset_cfg, start_step=data_step, **shard)
+        batches = get_dataset_fn(train_dataset_cfg, start_step=data_step, **resume(restored_data), **shard)
     if get_dataset_fn is datasets.get_dataset:  # the real pipeline: its vocabulary goes into every step
         ckpts.vocabulary = ckpt_lib.task_vocabulary(train_dataset_cfg.mixture_or_task_name)
     start = int(jax.device_get(state.step))
