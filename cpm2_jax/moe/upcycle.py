@@ -23,10 +23,12 @@ from cpm2_jax.config import FFN_WEIGHTS, ModelConfig
 from cpm2_jax.convert.native import flatten_params, nest_params
 from cpm2_jax.errors import CheckpointError, ConfigError
 
-_MOE_FIELDS = ("num_experts", "moe_router", "moe_backend", "moe_capacity_factor", "moe_top_k", "moe_group_size",
-               "moe_aux_loss_weight", "moe_z_loss_weight", "moe_jitter", "moe_eval_argmax",
-               "moe_encoder_sparse_step", "moe_decoder_sparse_step", "moe_expert_norm", "moe_router_bias",
-               "moe_expert_capacity")
+
+def _is_moe_field(name: str) -> bool:
+    """Fields an upcycled config may set differently from its dense source: every `moe_*` switch."""
+    return name == "num_experts" or name.startswith("moe_")
+
+
 _NORM = ("pre_mlp_layer_norm", "scale")
 
 
@@ -48,7 +50,7 @@ def check_compatible(dense: ModelConfig, moe: ModelConfig) -> None:
     if not moe.is_moe:
         raise ConfigError("dense-to-moe: the target config needs num_experts > 0")
     different = [f.name for f in dataclasses.fields(ModelConfig)
-                 if f.name not in _MOE_FIELDS and getattr(dense, f.name) != getattr(moe, f.name)]
+                 if not _is_moe_field(f.name) and getattr(dense, f.name) != getattr(moe, f.name)]
     if different:
         name = different[0]
         raise ConfigError(f"dense-to-moe: the MoE config differs from the dense one in {', '.join(different)} "

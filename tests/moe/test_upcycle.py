@@ -94,3 +94,14 @@ def test_upcycle_into_switch_layout():
                                   enc_dense["layers_1"]["pre_mlp_layer_norm"]["scale"])
     with pytest.raises(CheckpointError, match="decoder/layers_0/mlp/wo"):
         check_params_fit(dense_params, moe_c)
+
+
+def test_every_moe_switch_may_differ_from_the_dense_source():
+    """Upcycling may set any `moe_*` field (the shuffle, the Pallas switches), never a dense one."""
+    from cpm2_jax.moe.upcycle import check_compatible
+
+    dense = get_config("tiny")
+    check_compatible(dense, dense.replace(num_experts=4, moe_shuffle_tokens=False, moe_fused_ffn=True,
+                                          moe_permute_kernels=False, moe_backend="pallas"))
+    with pytest.raises(ConfigError, match="d_ff"):
+        check_compatible(dense, dense.replace(num_experts=4, d_ff=dense.d_ff * 2))
