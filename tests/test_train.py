@@ -66,7 +66,7 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path):
     uninterrupted = _start(straight, _env(tmp_path))
     # The killed run's data iterator hangs before batch 13: 13 steps trained, step 8 saved.
     victim = _start(killed, _env(tmp_path, CPM2_TEST_PAUSE_AT_STEP="13", CPM2_TEST_PAUSE_FILE=str(pause)))
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while not (pause.exists() and (killed / "checkpoints" / "8").is_dir()) and victim.poll() is None:
         assert time.time() < deadline, "the run never reached step 13"
         time.sleep(0.2)
