@@ -199,7 +199,7 @@ def test_task_vocabulary_is_compared_with_the_model_vocab_size(shared_data):
     from cpm2_jax.errors import ConfigError
 
     data = DatasetConfig("en_zh", {"inputs": 32, "targets": 32})
-    with pytest.raises(ConfigError, match=r"has 8100 ids but the model's vocab_size is 512.*"
-                                          r"--gin.cpm2_jax.model_config.vocab_size=8192"):
+    with pytest.raises(ConfigError, match=r"has [0-9]+ ids but the model's vocab_size is 512.*"
+                                          r"--gin.cpm2_jax.model_config.vocab_size=[0-9]+"):
         train_bin.check_vocabulary(get_config("tiny"), data)
     train_bin.check_vocabulary(get_config("tiny", vocab_size=8192), data)
