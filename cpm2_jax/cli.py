@@ -23,6 +23,7 @@ _SUBCOMMAND_MODULES = [
     "cpm2_jax.commands.demo",
     "cpm2_jax.commands.offload",
     "cpm2_jax.commands.teacher_topk",
+    "cpm2_jax.commands.doctor",
     "cpm2_jax.tasks.commands",
 ]
 
