@@ -68,6 +68,30 @@ def backend_report() -> dict:
             "devices": devices}
 
 
+TINY_ENV = "CPM2_TINY"  # set (to 1) by the notebook test: the smallest sizes and a few steps
+# The named size a notebook or quick run trains on each backend: (dense, MoE). A CPU trains the
+# tiny layout in seconds; one accelerator holds `small` (and its 8-expert MoE) with room to spare.
+SIZE_FOR_BACKEND = {"cpu": ("tiny", "cpm2_moe_tiny"), "gpu": ("small", "cpm2_moe_small"),
+                    "tpu": ("small", "cpm2_moe_small")}
+
+
+def tiny_mode() -> bool:
+    """True when $CPM2_TINY is set to anything but 0/false/empty (the test suite's notebook runs)."""
+    return os.environ.get(TINY_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def suggested_size(kind: str = "dense") -> str:
+    """A named size (`cpm2_jax.config.SIZES`) that fits and trains quickly on this backend:
+    `tiny`/`cpm2_moe_tiny` on a CPU or in tiny mode, `small`/`cpm2_moe_small` on a GPU or TPU."""
+    import jax
+
+    if kind not in ("dense", "moe"):
+        raise ValueError(f"kind must be 'dense' or 'moe', got {kind!r}")
+    backend = "cpu" if tiny_mode() else jax.default_backend()
+    dense, moe = SIZE_FOR_BACKEND.get(backend, SIZE_FOR_BACKEND["cpu"])
+    return dense if kind == "dense" else moe
+
+
 def _path_entry(source: str, name: str, value: str | os.PathLike | None) -> dict:
     if value is None:
         return {"source": source, "name": name, "path": None, "exists": False}

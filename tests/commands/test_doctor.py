@@ -84,3 +84,16 @@ def test_gin_file_naming_a_missing_path(tmp_path):
     assert found["VOCABULARY"]["exists"]
     missing = doctor.paths_report(["no_such_file.gin"])["paths"]
     assert any(e["name"] == "no_such_file.gin" and "not found" in e["error"] for e in missing)
+
+
+def test_suggested_size_follows_tiny_mode_and_backend(monkeypatch):
+    from cpm2_jax.config import get_config
+
+    monkeypatch.setenv(doctor.TINY_ENV, "1")
+    assert doctor.tiny_mode() and (doctor.suggested_size(), doctor.suggested_size("moe")) == ("tiny", "cpm2_moe_tiny")
+    monkeypatch.setenv(doctor.TINY_ENV, "0")
+    dense, moe = doctor.SIZE_FOR_BACKEND[jax.default_backend()]
+    assert not doctor.tiny_mode() and doctor.suggested_size("moe") == moe
+    assert get_config(doctor.suggested_size()).num_experts == 0 and get_config(moe).num_experts > 0
+    with pytest.raises(ValueError):
+        doctor.suggested_size("sparse")
