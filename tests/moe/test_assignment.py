@@ -43,15 +43,16 @@ def test_under_vmap_and_exhausted_round_budget_still_balanced():
 def test_trivial_cases():
     # Affinities that already prefer a balanced assignment are solved exactly.
     scores = jnp.asarray(np.kron(np.eye(4), np.ones((3, 1))), jnp.float32)  # tokens 3i..3i+2 like expert i
-    index, _ = balanced_assignment(scores)
+    solve = jax.jit(balanced_assignment)  # one program, not the auction's loops op by op
+    index, _ = solve(scores)
     assert np.asarray(index).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
-    index, _ = balanced_assignment(jnp.ones((5, 1)))  # a single expert takes everything
+    index, _ = solve(jnp.ones((5, 1)))  # a single expert takes everything
     assert np.asarray(index).tolist() == [0] * 5
 
 
 def test_sinkhorn_prices_balance_the_soft_assignment():
     scores = jax.random.normal(jax.random.PRNGKey(1), (64, 4))
-    g = sinkhorn_prices(scores, 16, 0.5, 200)
+    g = jax.jit(sinkhorn_prices, static_argnums=(1, 2, 3))(scores, 16, 0.5, 200)
     p = jax.nn.softmax((scores - g) / 0.5, axis=-1)
     np.testing.assert_allclose(np.asarray(p.sum(0)), [16] * 4, rtol=1e-3)
 
