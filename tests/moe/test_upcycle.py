@@ -19,24 +19,24 @@ def batch():
     return enc, dec
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_upcycled_logits_equal_dense(scan):
+# One backend per layout: tests/moe/test_layer.py ties the backends' outputs to each other.
+@pytest.mark.parametrize("scan,backend", [(False, "padded"), (True, "ragged_dot")])
+def test_upcycled_logits_equal_dense(scan, backend):
     dense_c = get_config("tiny", init_std=0.05, scan_layers=scan)
     moe_c = dense_c.replace(num_experts=4, moe_router="balanced")
     enc, dec = batch()
-    dense_params = nn.unbox(EncoderDecoder(dense_c).init(jax.random.PRNGKey(0), enc, dec))["params"]
+    dense_params = nn.unbox(jax.jit(EncoderDecoder(dense_c).init)(jax.random.PRNGKey(0), enc, dec))["params"]
     moe_params = upcycle_params(dense_params, dense_c, moe_c, rng=1)
     shapes = jax.eval_shape(lambda: nn.unbox(EncoderDecoder(moe_c).init(jax.random.PRNGKey(0), enc, dec))["params"])
     assert jax.tree.structure(shapes) == jax.tree.structure(moe_params)
     assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(moe_params)))
     dense_logits = jax.jit(EncoderDecoder(dense_c).apply)({"params": dense_params}, enc, dec)
-    for backend in ("padded", "ragged_dot"):
-        apply = jax.jit(EncoderDecoder(moe_c.replace(moe_backend=backend)).apply, static_argnames="enable_dropout")
-        # Training-mode routing (balanced assignment) and the inference argmax fallback alike.
-        train = apply({"params": moe_params}, enc, dec, enable_dropout=True)
-        infer = apply({"params": moe_params}, enc, dec)
-        np.testing.assert_allclose(np.asarray(train), np.asarray(dense_logits), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(infer), np.asarray(dense_logits), rtol=1e-5, atol=1e-6)
+    apply = jax.jit(EncoderDecoder(moe_c.replace(moe_backend=backend)).apply, static_argnames="enable_dropout")
+    # Training-mode routing (balanced assignment) and the inference argmax fallback alike.
+    train = apply({"params": moe_params}, enc, dec, enable_dropout=True)
+    infer = apply({"params": moe_params}, enc, dec)
+    np.testing.assert_allclose(np.asarray(train), np.asarray(dense_logits), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(infer), np.asarray(dense_logits), rtol=1e-5, atol=1e-6)
 
 
 def test_mismatched_checkpoints_and_configs():
