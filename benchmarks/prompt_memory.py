@@ -13,6 +13,13 @@ as a check (slow on CPU: minutes per step for `base`). The figure independent of
 baseline: the analytic bytes of the parameter state (params + grads + optimiser) as a
 fraction of each measured peak (the rest is activations and workspace).
 
+What the backward pass keeps (the same model code for both variants): a frozen weight keeps
+no input for its gradient (autodiff prunes it; the CPU VJPs of `cpu_weight_grads` skip it
+when JAX reports the weight unperturbed); RMSNorm keeps x alone, the GELU gate a and b alone,
+attention's softmax its float32 weights alone (elementwise recomputation, no matmul redone).
+XLA:CPU's buffer report still shows float32 stacks for many bfloat16 residuals and float32
+copies of the bf16 backbone's stacked weights (its bf16 handling): a GPU/TPU peak should be lower.
+
     python benchmarks/prompt_memory.py [--config base] [--batch 8] [--enc_len 512] [--dec_len 128]
         [--dtype bfloat16] [--remat none full] [--execute]
 """

@@ -7,6 +7,7 @@ the stack level, not in each layer).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -103,10 +104,35 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     q: [b, q, h, d]; k, v: [b, k, h, d]; bias: broadcastable to [b, h, q, k].
     """
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits + bias, axis=-1)
-    if dropout is not None:
-        weights = dropout(weights)
+    if dropout is None:
+        return _softmax_values(logits + bias, v, jnp.dtype(dtype))
+    weights = dropout(jax.nn.softmax(logits + bias, axis=-1))
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _softmax_values(logits: jax.Array, v: jax.Array, dtype) -> jax.Array:
+    """softmax(logits) v, the weights cast to `dtype` for the product (logits [b, h, q, k]
+    float32, v [b, k, h, d]). Its backward pass keeps the float32 weights y and v alone:
+    dv = y^T dout (y cast again) and dlogits = y (dy - sum(y dy)); autodiff would also keep
+    exp(logits), its normaliser and the `dtype` copy of y. Gradients equal autodiff's up to
+    float rounding."""
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1).astype(dtype), v)
+
+
+def _softmax_values_fwd(logits, v, dtype):
+    y = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", y.astype(dtype), v), (y, v)
+
+
+def _softmax_values_bwd(dtype, res, dout):
+    y, v = res
+    dv = jnp.einsum("bhqk,bqhd->bkhd", y.astype(dtype), dout)
+    dy = jnp.einsum("bqhd,bkhd->bhqk", dout, v).astype(jnp.float32)
+    return y * (dy - jnp.sum(y * dy, axis=-1, keepdims=True)), dv
+
+
+_softmax_values.defvjp(_softmax_values_fwd, _softmax_values_bwd)
 
 
 def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *,

@@ -23,22 +23,33 @@ def weight_grad(inputs: jax.Array, grads: jax.Array) -> jax.Array:
     return jax.lax.dot_general(flat(grads), flat(inputs), (((0,), (0,)), ((), ()))).T
 
 
+def is_symbolic_zero(t) -> bool:
+    """A cotangent JAX passes as a symbolic zero (custom VJPs defined with symbolic_zeros=True)."""
+    return isinstance(t, jax.custom_derivatives.SymbolicZero)
+
+
 @jax.custom_vjp
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w for x [tokens, in], w [in, out], with the kernel gradient of `weight_grad`."""
+    """x @ w for x [tokens, in], w [in, out], with the kernel gradient of `weight_grad`.
+
+    A frozen w (not differentiated: prompt tuning's backbone) needs only dx = dy w^T, so x is
+    then not kept for the backward pass (JAX tells the forward which inputs are perturbed).
+    """
     return x @ w
 
 
 def _linear_fwd(x, w):
-    return x @ w, (x, w)
+    return x.value @ w.value, (x.value if w.perturbed else None, w.value)
 
 
 def _linear_bwd(res, dy):
     x, w = res
-    return dy @ w.T, weight_grad(x, dy)
+    if is_symbolic_zero(dy):
+        return None, None
+    return dy @ w.T, (None if x is None else weight_grad(x, dy))
 
 
-linear.defvjp(_linear_fwd, _linear_bwd)
+linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
 
 
 def use_cpu_weight_grads(setting: str) -> bool:
