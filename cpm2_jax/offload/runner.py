@@ -5,11 +5,22 @@ Per MoE layer (`OffloadRunner.moe_ffn`, called by the layer-stepped model betwee
 route on the device, read the token counts, order the experts with tokens (`schedule`:
 InfMoE, or in order as the public release), then a transfer thread moves the missing experts
 over the link in that order (each into a free slot, waiting for one when all K are in use)
-while the main thread dispatches each expert's computation as soon as its weights are in;
-a third thread sees computations finish and frees their slots. Experts with no tokens never
-move. Beyond InfMoE: an LRU cache of experts across layers and decoding steps inside the K
-slots (`cache="lru"`), prefetch of the next MoE layer's likely experts from the next
-router applied to the current hidden state (`prefetch`), int8 transfer (`int8`).
+while the main thread dispatches each expert's computation as soon as its weights are in
+(XLA dispatch is asynchronous: nothing blocks but the wait for weights); a third thread sees
+computations finish and frees their slots. Experts with no tokens never move.
+
+Beyond InfMoE:
+- an expert cache inside the K slots across layers and decoding steps: `lru`, or `lfu`
+  (evict the expert its layer has needed least often so far: routing is skewed, so the hot
+  experts of every layer stay);
+- prefetch of the next MoE layer's likely experts (the ones that layer has needed most often;
+  its router's input is not known yet), only into free slots or (lfu) over a colder entry;
+- int8 transfer (per-column scales, dequantised on the device);
+- host compute (`host_compute`): an expert that is not on the device and whose few tokens
+  cost less on the host than moving its weights (calibrated: host time(n) < load time b) runs
+  on the host (the CPU backend, reading the host buffer where it lies), its rows and output
+  crossing the link instead of its weights (as InfMoE's CPU fallback / Fiddler). Same
+  function of the same weights: outputs equal the device path.
 """
 from __future__ import annotations
 
@@ -32,7 +43,7 @@ from cpm2_jax.offload.stepped import STACKS, SteppedModel
 from cpm2_jax.offload.store import DeviceSlots, ExpertStore, Layout, Link, unpack
 
 SCHEDULES = ("infmoe", "inorder")
-CACHES = ("lru", "none")
+CACHES = ("lru", "lfu", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +54,7 @@ class OffloadOptions:
     prefetch: bool = False
     int8: bool = False
     bandwidth: Optional[float] = None  # bytes/s of the modelled link (None: the real one)
+    host_compute: bool = False  # run cold experts with few tokens on the host
 
 
 @dataclasses.dataclass
@@ -52,6 +64,8 @@ class Stats:
     needed: int = 0  # experts a layer computed
     hits: int = 0  # ... of which were already on the device (or on their way: prefetched)
     prefetches: int = 0
+    prefetch_hits: int = 0  # needed experts that a prefetch had brought
+    host_computes: int = 0
     transfer_time: float = 0.0
     wait_time: float = 0.0  # the main thread waiting for weights
     moe_time: float = 0.0  # wall time of the MoE layers (route to output)
@@ -66,6 +80,11 @@ class Stats:
     @property
     def efficiency(self) -> float:
         return self.lower_bound / self.moe_time if self.moe_time else 0.0
+
+    @property
+    def link_bandwidth(self) -> float:
+        """bytes/s the link delivered while transferring (the set rate when the thread keeps up)."""
+        return self.bytes_moved / self.transfer_time if self.transfer_time else 0.0
 
 
 def check_options(config: ModelConfig, options: OffloadOptions) -> None:
@@ -123,6 +142,17 @@ def _packed_step(out, rows, offset, count, buffer, *, tile: int, activation: str
     return out, out[0, 0]
 
 
+@functools.partial(jax.jit, static_argnames=("activation", "dtype", "layout"))
+def _packed_apply(window, buffer, *, activation: str, dtype: str, layout: Layout):
+    """One expert on its rows `window` [tile, d] from its packed buffer: the host-compute path
+    (runs where its arguments are: the host's CPU backend)."""
+    weights = unpack(buffer, layout, dtype_of(dtype))
+    return split_moe.expert_apply(window, weights, activation=activation, dtype=dtype_of(dtype)).astype(jnp.float32)
+
+
+_add_rows = jax.jit(split_moe.add_rows, donate_argnums=(0,))  # a host-computed expert's output, on the device
+
+
 @dataclasses.dataclass(frozen=True)
 class CostModel:
     """Compute time of an expert with n tokens, overhead + n * per_token (seconds), and the load
@@ -131,9 +161,16 @@ class CostModel:
     overhead: float
     per_token: float
     load: float
+    host_overhead: Optional[float] = None  # the same on the host (None: not calibrated)
+    host_per_token: float = 0.0
 
     def compute(self, n: int) -> float:
         return self.overhead + self.per_token * n if n > 0 else 0.0
+
+    def host(self, n: int) -> float:
+        if self.host_overhead is None:
+            return float("inf")
+        return self.host_overhead + self.host_per_token * n if n > 0 else 0.0
 
 
 class OffloadRunner:
@@ -144,13 +181,18 @@ class OffloadRunner:
         check_options(config, options)
         self.config, self.options = config, options
         self.device = device or jax.devices()[0]
+        self.host = jax.devices("cpu")[0]
         resident, experts = split_experts(config, params)
         self.store = ExpertStore(config, experts, int8=options.int8, device=self.device)
         self.model = SteppedModel(config, jax.device_put(resident, self.device), moe_ffn=self.moe_ffn)
         self.order = self.model.moe_layers()
-        self.slots = DeviceSlots(options.device_experts)
+        # How often each layer has needed each expert (the lfu cache's score, prefetch's guess).
+        self.frequency = {key: np.zeros(config.num_experts, np.int64) for key in self.order}
+        score = (lambda key: int(self.frequency[key[:2]][key[2]])) if options.cache == "lfu" else None
+        self.slots = DeviceSlots(options.device_experts, score=score)
         self.link = Link(self.device, options.bandwidth)
         self.stats = Stats()
+        self._prefetched: set = set()
         self._transfers: queue.Queue = queue.Queue()
         self._releases: queue.Queue = queue.Queue()
         self._t0 = time.perf_counter()
@@ -174,33 +216,45 @@ class OffloadRunner:
             finally:
                 self._transfers.task_done()
 
-    def _transfer(self, key, prefetch: bool):
+    def _transfer(self, key, prefetch: bool, requested: float):
         if key in self.slots:  # already there or on its way (an earlier prefetch)
             return
-        if not self.slots.reserve(key, wait=not prefetch):
-            return
-        start = self._now()
-        buf = self.link.transfer(self.store.buffers[key[:2]][key[2]])
-        end = self._now()
+        if prefetch:  # a free slot, an unused earlier prefetch's, or (lfu) a colder entry's
+            def evict(victim):
+                if victim in self._prefetched and victim[:2] != key[:2]:  # for a layer that has passed
+                    return True
+                return self.options.cache == "lfu" and self.slots.score(victim) < self.slots.score(key)
+
+            ready = self.slots.reserve(key, wait=False, evict=evict)
+            if ready is None:
+                return
+        else:
+            ready = self.slots.reserve(key)
+        buf = self.link.transfer(self.store.buffers[key[:2]][key[2]], ready=max(ready, requested))
+        start, end = (t - self._t0 for t in self.link.last)
         self.slots.fill(key, buf)
         with self._lock:
-            self.stats.loads += 1
-            self.stats.prefetches += int(prefetch)
-            self.stats.bytes_moved += self.store.expert_bytes
-            self.stats.transfer_time += end - start
-            self.stats.timeline.append(("load", key, start, end))
+            st = self.stats
+            st.loads += 1
+            st.prefetches += int(prefetch)
+            if prefetch:
+                self._prefetched.add(key)
+            st.bytes_moved += self.store.expert_bytes
+            st.transfer_time += end - start
+            st.timeline.append(("load", key, start, end))
 
     def _release_loop(self):
         while True:
             item = self._releases.get()
             if item is None:
                 return
-            key, done, start = item
+            kind, key, done, start = item
             done.block_until_ready()
             end = self._now()
-            self.slots.unpin(key, keep=self.options.cache == "lru")
+            if kind == "compute":
+                self.slots.unpin(key, keep=self.options.cache != "none")
             with self._lock:
-                self.stats.timeline.append(("compute", key, start, end))
+                self.stats.timeline.append((kind, key, start, end))
 
     def close(self) -> None:
         self._transfers.put(None)
@@ -217,39 +271,64 @@ class OffloadRunner:
 
     # ------------------------------------------------------------------ one MoE layer
     def _next_layer(self, stack: str, index: int):
+        """The MoE layer met next: the following one, and after the last the decoder's first
+        (the next decoding step), not the encoder's."""
         i = self.order.index((stack, index))
-        return self.order[(i + 1) % len(self.order)]
+        if i + 1 < len(self.order):
+            return self.order[i + 1]
+        return next((key for key in self.order if key[0] == "decoder"), self.order[0])
+
+    def _prefetch(self, stack: str, index: int, wanted: int) -> None:
+        """Queues the next MoE layer's `wanted` most often needed experts that are not on the
+        device (the transfer thread takes them only into free slots, or over colder entries)."""
+        nxt = self._next_layer(stack, index)
+        freq = self.frequency[nxt]
+        for e in np.argsort(-freq, kind="stable")[:wanted]:
+            key = nxt + (int(e),)
+            if freq[e] > 0 and key not in self.slots:
+                self._transfers.put((key, True, time.perf_counter()))
 
     def moe_ffn(self, stack: str, index: int, h: jax.Array) -> jax.Array:
         c, opts = self.config, self.options
         begin = time.perf_counter()
+        layer = (stack, index)
         routed = split_moe.route(c, self.model.moe_params(stack, index)["router"], h)
-        predicted = None
-        if opts.prefetch:
-            nxt = self._next_layer(stack, index)
-            predicted = (nxt, split_moe.route(c, self.model.moe_params(*nxt)["router"], h).counts)
         counts = np.asarray(routed.counts)
         active = [e for e in range(c.num_experts) if counts[e] > 0]
-        keys = {e: (stack, index, e) for e in active}
+        keys = {e: layer + (e,) for e in active}
         for e in active:
             self.slots.pin(keys[e])
         cached = [e for e in active if keys[e] in self.slots]
         compute = [self.cost.compute(int(n)) for n in counts]
+        host = [] if not opts.host_compute else [
+            e for e in active if e not in cached and self.cost.host(int(counts[e])) < self.cost.load]
+        for e in host:
+            self.slots.unpin(keys[e])
+        device = [e for e in active if e not in host]
         if opts.schedule == "infmoe":
-            order = S.infmoe_order(compute, self.cost.load, opts.device_experts, experts=active, resident=cached)
+            order = S.infmoe_order(compute, self.cost.load, opts.device_experts, experts=device, resident=cached)
         else:
-            order = cached + S.inorder([e for e in active if e not in cached])
+            order = cached + S.inorder([e for e in device if e not in cached])
+        requested = time.perf_counter()
         for e in order:
             if e not in cached:
-                self._transfers.put((keys[e], False))
-        if predicted is not None:
-            nxt, pred_counts = predicted
-            pred_counts = np.asarray(pred_counts)
-            likely = [e for e in np.argsort(-pred_counts, kind="stable") if pred_counts[e] > 0]
-            for e in likely[:opts.device_experts]:
-                self._transfers.put((nxt + (int(e),), True))
+                self._transfers.put((keys[e], False, requested))
+        self.frequency[layer][active] += 1
+        if opts.prefetch:
+            self._prefetch(stack, index, wanted=len(active))
         out = split_moe.empty_output(routed)
         starts = split_moe.offsets(counts)
+        kw = dict(activation=c.ffn_activation, dtype=c.dtype, layout=self.store.layout)
+        if host:  # first: they need no load, so they hide the first one
+            rows = np.asarray(routed.rows)
+            for e in host:
+                n, lo = int(counts[e]), int(starts[e])
+                tile = split_moe.bucket(n)
+                start = self._now()
+                window = jax.device_put(rows[lo:lo + tile], self.host)
+                y = _packed_apply(window, jax.device_put(self.store.buffers[layer][e], self.host), **kw)
+                out = _add_rows(out, jax.device_put(y, self.device), jnp.int32(lo), jnp.int32(n))
+                self._releases.put(("host", keys[e], y, start))
         waited = 0.0
         for e in order:
             event = self.slots.event(keys[e])
@@ -258,47 +337,71 @@ class OffloadRunner:
             waited += time.perf_counter() - t
             n = int(counts[e])
             out, done = _packed_step(out, routed.rows, jnp.int32(starts[e]), jnp.int32(n), self.slots.get(keys[e]),
-                                     tile=split_moe.bucket(n), activation=c.ffn_activation, dtype=c.dtype,
-                                     layout=self.store.layout)
-            self._releases.put((keys[e], done, self._now()))
+                                     tile=split_moe.bucket(n), **kw)
+            self._releases.put(("compute", keys[e], done, self._now()))
         y = split_moe.combine(out, routed, c.dtype).block_until_ready()
         elapsed = time.perf_counter() - begin
-        streamed = len(active) - len(cached)
+        streamed = len(device) - len(cached)
         with self._lock:
             st = self.stats
             st.needed += len(active)
             st.hits += len(cached)
+            st.prefetch_hits += sum(keys[e] in self._prefetched for e in cached)
+            self._prefetched.difference_update(keys[e] for e in cached)
+            stale = [key for key in self._prefetched if key[:2] == layer]  # prefetched for this layer, unused
+        if opts.cache == "none":
+            for key in stale:
+                if self.slots.drop(key):
+                    self._prefetched.discard(key)
+        with self._lock:
+            st = self.stats
+            st.host_computes += len(host)
             st.wait_time += waited
             st.moe_time += elapsed
             st.layers += 1
-            st.lower_bound += max(sum(compute), streamed * self.cost.load)
+            st.lower_bound += max(sum(compute[e] for e in device) + sum(self.cost.host(int(counts[e])) for e in host),
+                                  streamed * self.cost.load)
         return y
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, reps: int = 3) -> CostModel:
-        """Times one expert on 1 and 64 tokens (weights on the device) and one transfer over the
-        link: the schedule's compute and load estimates."""
+        """Times one transfer over the link and one expert on 1 and 64 tokens (weights on the
+        device; and on the host when `host_compute`): the schedule's estimates."""
         c = self.config
         key = next(iter(self.store.buffers))
-        buf = self.link.transfer(self.store.buffers[key][0])
+        host_buf = self.store.buffers[key][0]
+        buf = self.link.transfer(host_buf)
         start = time.perf_counter()
         for _ in range(reps):
-            buf = self.link.transfer(self.store.buffers[key][0])
+            buf = self.link.transfer(host_buf)
         load = (time.perf_counter() - start) / reps
-        times = {}
-        for n in (1, 64):
+        kw = dict(activation=c.ffn_activation, dtype=c.dtype, layout=self.store.layout)
+
+        def device_run(n):
             rows = jnp.zeros((2 * n, c.d_model), jnp.float32)
-            out = jnp.zeros_like(rows)
-            for i in range(reps + 1):
-                if i == 1:
-                    start = time.perf_counter()
-                out, done = _packed_step(out, rows, jnp.int32(0), jnp.int32(n), buf, tile=n,
-                                         activation=c.ffn_activation, dtype=c.dtype, layout=self.store.layout)
-                done.block_until_ready()
-            times[n] = (time.perf_counter() - start) / reps
-        per_token = max(0.0, (times[64] - times[1]) / 63)
+            return _packed_step(jnp.zeros_like(rows), rows, jnp.int32(0), jnp.int32(n), buf, tile=n, **kw)[1]
+
+        def host_run(n):
+            window = jax.device_put(np.zeros((n, c.d_model), np.float32), self.host)
+            return _packed_apply(window, jax.device_put(host_buf, self.host), **kw)
+
+        def line(run):
+            times = {}
+            for n in (1, 64):
+                run(n).block_until_ready()
+                start = time.perf_counter()
+                for _ in range(reps):
+                    run(n).block_until_ready()
+                times[n] = (time.perf_counter() - start) / reps
+            per_token = max(0.0, (times[64] - times[1]) / 63)
+            return max(times[1] - per_token, 0.0), per_token
+
+        overhead, per_token = line(device_run)
+        host_overhead, host_per_token = line(host_run) if self.options.host_compute else (None, 0.0)
         buf.delete()
-        return CostModel(overhead=max(times[1] - per_token, 0.0), per_token=per_token, load=load)
+        self.link.reset_counters()
+        return CostModel(overhead=overhead, per_token=per_token, load=load, host_overhead=host_overhead,
+                         host_per_token=host_per_token)
 
     # ------------------------------------------------------------------ decoding
     def greedy(self, encoder_input_tokens, *, max_new_tokens: int, min_new_tokens: int = 0):
@@ -310,8 +413,11 @@ class OffloadRunner:
     def reset_stats(self) -> None:
         with self._lock:
             self.stats = Stats()
+            self.link.reset_counters()
 
     def empty_slots(self) -> None:
-        """Waits for queued transfers (prefetches) to land, then empties every slot (a cold start)."""
+        """Waits for queued transfers (prefetches) to land, then empties every slot (a cold start;
+        the routing frequencies are kept)."""
         self._transfers.join()
         self.slots.clear()
+        self._prefetched.clear()

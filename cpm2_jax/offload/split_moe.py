@@ -87,10 +87,15 @@ def add_expert_output(out: jax.Array, rows: jax.Array, offset, count, weights: d
     in any order into one output buffer."""
     d = rows.shape[-1]
     window = jax.lax.dynamic_slice(rows, (offset, 0), (tile, d))
-    y = expert_apply(window, weights, activation=activation, dtype=dtype).astype(out.dtype)
+    return add_rows(out, expert_apply(window, weights, activation=activation, dtype=dtype), offset, count)
+
+
+def add_rows(out: jax.Array, y: jax.Array, offset, count) -> jax.Array:
+    """out[offset : offset + count] += y[:count] (y [tile, d]: an expert's output on its window)."""
+    tile, d = y.shape
     keep = (jnp.arange(tile) < count)[:, None]
     current = jax.lax.dynamic_slice(out, (offset, 0), (tile, d))
-    return jax.lax.dynamic_update_slice(out, current + jnp.where(keep, y, 0), (offset, 0))
+    return jax.lax.dynamic_update_slice(out, current + jnp.where(keep, y.astype(out.dtype), 0), (offset, 0))
 
 
 def empty_output(routed: RoutedTokens) -> jax.Array:

@@ -156,43 +156,74 @@ class ExpertStore:
 
 class Link:
     """Host -> device transfers of packed experts: the real link, or a paced copy (`bandwidth`
-    bytes/s) where host and device share one RAM."""
+    bytes/s) where host and device share one RAM.
 
-    CHUNK = 1 << 20
+    The paced link is a server of fixed rate: a transfer starts when the link is free and its
+    request has come (`ready`, the time its slot freed up), and ends at the deadline
+    start + bytes / bandwidth. The copy itself is one numpy copy (which releases the GIL), then
+    the thread sleeps until the deadline, so a late wake-up of the thread (GIL, a busy machine)
+    delays that one hand-over but never the link's clock: the next transfer still starts at the
+    deadline. `achieved_bandwidth` (bytes / time from start to the hand-over) says how closely
+    the thread kept to the set rate."""
 
     def __init__(self, device, bandwidth: Optional[float] = None):
         if bandwidth is not None and bandwidth <= 0:
             raise ValueError(f"link bandwidth must be > 0 bytes/s, got {bandwidth}")
         self.device, self.bandwidth = device, bandwidth
         self.sharding = jax.sharding.SingleDeviceSharding(device)
+        self._free_at = 0.0  # perf_counter time at which the modelled link is next free
+        self.bytes = 0
+        self.busy = 0.0  # sum over transfers of hand-over - start (s)
+        self.last = (0.0, 0.0)  # perf_counter start and hand-over of the latest transfer
 
-    def transfer(self, buffer) -> jax.Array:
-        """Moves one buffer and returns it on the device once it is there (blocking)."""
+    def reset_counters(self) -> None:
+        self.bytes, self.busy = 0, 0.0
+
+    @property
+    def achieved_bandwidth(self) -> float:
+        """bytes / s actually delivered while transferring (the set rate when the thread keeps up)."""
+        return self.bytes / self.busy if self.busy else 0.0
+
+    def transfer(self, buffer, ready: Optional[float] = None) -> jax.Array:
+        """Moves one buffer and returns it on the device once it is there (blocking). `ready`:
+        perf_counter time from which the transfer could start (default: now)."""
+        now = time.perf_counter()
+        start = max(self._free_at, now if ready is None else min(ready, now))
         if self.bandwidth is None:
-            out = jax.device_put(buffer, self.sharding)
-            return out.block_until_ready()
-        src = np.asarray(buffer)
-        dst = np.empty_like(src)
-        flat_src, flat_dst = src.reshape(-1).view(np.uint8), dst.reshape(-1).view(np.uint8)
-        start = time.perf_counter()
-        for lo in range(0, flat_src.size, self.CHUNK):
-            hi = min(lo + self.CHUNK, flat_src.size)
-            flat_dst[lo:hi] = flat_src[lo:hi]
-            delay = start + hi / self.bandwidth - time.perf_counter()
+            start = now
+            out = jax.device_put(buffer, self.sharding).block_until_ready()
+        else:
+            src = np.asarray(buffer)
+            deadline = start + src.nbytes / self.bandwidth
+            self._free_at = deadline
+            dst = np.empty_like(src)
+            np.copyto(dst, src)  # a plain memcpy: numpy runs it without the GIL
+            out = jax.device_put(dst, self.sharding).block_until_ready()
+            delay = deadline - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-        return jax.device_put(dst, self.sharding).block_until_ready()
+        end = time.perf_counter()
+        if self.bandwidth is None:
+            self._free_at = end
+        self.bytes += int(np.prod(np.shape(buffer))) * np.dtype(buffer.dtype).itemsize
+        self.busy += end - start
+        self.last = (start, end)
+        return out
 
 
 class DeviceSlots:
-    """At most `k` expert buffers on the device. Keys are (stack, layer, expert); an entry is
-    pinned while its layer needs it; unpinned entries stay (a cache) until evicted, least
-    recently used first, or are dropped at once with `keep=False`."""
+    """At most `k` expert buffers on the device, counted from the moment a slot is reserved for
+    a load (the buffer being filled counts) to its eviction: `peak` never exceeds k. Keys are
+    (stack, layer, expert); an entry is pinned while its layer needs it; unpinned entries stay
+    (a cache) until evicted, or are dropped at once with `keep=False`. The victim is the
+    unpinned entry with the lowest `score(key)` (default: none, i.e. least recently used first;
+    ties go to the least recently used)."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, score=None):
         if k < 1:
             raise ValueError(f"need at least one device slot, got {k}")
         self.k = k
+        self.score = score
         self.entries: collections.OrderedDict = collections.OrderedDict()  # key -> buffer | None (loading)
         self.pins: collections.Counter = collections.Counter()
         self.events: dict = {}  # key -> threading.Event, set once its buffer is on the device
@@ -200,12 +231,16 @@ class DeviceSlots:
         self.cond = threading.Condition()
         self.peak = 0
         self.evictions = 0
+        self.freed_at = 0.0  # perf_counter time the last slot was freed (a waiting load's start)
 
     def __contains__(self, key) -> bool:
         return key in self.entries
 
     def live(self) -> int:
         return len(self.entries)
+
+    def free(self) -> int:
+        return self.k - len(self.entries)
 
     def pin(self, key) -> None:
         with self.cond:
@@ -220,6 +255,7 @@ class DeviceSlots:
                 del self.pins[key]
                 if not keep and key in self.loaded:
                     self._evict(key)
+                self.freed_at = time.perf_counter()
             self.cond.notify_all()
 
     def _evict(self, key) -> None:
@@ -230,28 +266,46 @@ class DeviceSlots:
             buf.delete()
         self.evictions += 1
 
-    def _victim(self):
-        for key in self.entries:  # least recently used first
-            if key not in self.pins and key in self.loaded:
-                return key
-        return None
-
-    def reserve(self, key, wait: bool = True) -> bool:
-        """A slot for `key` (evicting the LRU unpinned entry if all are taken); blocks until one
-        frees up unless `wait` is False (then returns False)."""
+    def drop(self, key) -> bool:
+        """Evicts `key` now if it is on the device and unpinned (an unused prefetch)."""
         with self.cond:
+            if key not in self.loaded or key in self.pins:
+                return False
+            self._evict(key)
+            self.freed_at = time.perf_counter()
+            self.cond.notify_all()
+            return True
+
+    def victim(self):
+        """The entry a new load would replace (None when every entry is pinned or loading)."""
+        with self.cond:
+            candidates = [key for key in self.entries if key not in self.pins and key in self.loaded]
+            if not candidates:
+                return None
+            if self.score is None:
+                return candidates[0]  # least recently used first
+            return min(candidates, key=self.score)  # min keeps the LRU among equal scores
+
+    def reserve(self, key, wait: bool = True, evict=True) -> Optional[float]:
+        """A slot for `key`: a free one, else (`evict` True, or a predicate on the victim's key)
+        the victim's; blocks until one frees up unless `wait` is False (then returns None).
+        Returns the perf_counter time from which the slot was available (0.0: it was free or
+        evictable all along)."""
+        with self.cond:
+            waited = False
             while len(self.entries) >= self.k:
-                victim = self._victim()
-                if victim is not None:
+                victim = self.victim()
+                if victim is not None and (evict is True or (evict and evict(victim))):
                     self._evict(victim)
                     break
                 if not wait:
-                    return False
+                    return None
+                waited = True
                 self.cond.wait()
             self.entries[key] = None
             self.events.setdefault(key, threading.Event())
             self.peak = max(self.peak, len(self.entries))
-            return True
+            return self.freed_at if waited else 0.0
 
     def fill(self, key, buffer) -> None:
         with self.cond:

@@ -1,6 +1,9 @@
 """The runner: outputs equal the fully resident model; at most K experts on the device; an
-expert without tokens never moves; cache, prefetch and schedule change timing only; int8
-transfer within its stated tolerance; bad options are one clear error."""
+expert without tokens never moves; cache, prefetch, host compute and schedule change timing
+only; int8 transfer within its stated tolerance; bad options are one clear error. The slots'
+eviction and the paced link by themselves."""
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,15 +14,17 @@ from cpm2_jax.errors import ConfigError
 from cpm2_jax.moe.layer import MoeBlock
 from cpm2_jax.offload import split_moe
 from cpm2_jax.offload.runner import CostModel, OffloadOptions, OffloadRunner
+from cpm2_jax.offload.store import DeviceSlots, Link
 from tests.offload.models import inputs, tiny
 
 COST = CostModel(overhead=1e-4, per_token=1e-5, load=2e-4)  # skips calibration in most tests
+HOST = CostModel(overhead=1e-4, per_token=1e-5, load=2e-4, host_overhead=1e-4, host_per_token=1e-5)  # host < load
 MAX_NEW = 6
 
 
 def runner(c, params, **kw):
     kw.setdefault("device_experts", 2)
-    return OffloadRunner(c, params, OffloadOptions(**kw), cost=COST)
+    return OffloadRunner(c, params, OffloadOptions(**kw), cost=HOST if kw.get("host_compute") else COST)
 
 
 def test_layer_output_equals_resident_and_zero_token_experts_stay_home():
@@ -42,6 +47,10 @@ def test_layer_output_equals_resident_and_zero_token_experts_stay_home():
         moved = {key[2] for kind, key, *_ in r.stats.timeline if kind == "load"}
         assert moved <= set(np.flatnonzero(n1)) and r.stats.loads <= 1
     assert counts.sum() == 10 and (counts > 0).sum() >= 2
+    with runner(c, params, device_experts=2, host_compute=True) as r:  # every cold expert on the host
+        got = r.moe_ffn("encoder", 1, h)
+        assert r.stats.host_computes == (counts > 0).sum() and r.stats.loads == 0
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -62,7 +71,8 @@ def test_cache_prefetch_and_schedule_change_timing_only():
     enc = inputs()
     outs, stats = {}, {}
     for name, kw in {"inorder": dict(schedule="inorder"), "lru": dict(cache="lru"),
-                     "lru+prefetch": dict(cache="lru", prefetch=True)}.items():
+                     "lfu+prefetch": dict(cache="lfu", prefetch=True),
+                     "host+prefetch": dict(cache="none", prefetch=True, host_compute=True)}.items():
         with runner(c, params, device_experts=3, **kw) as r:
             outs[name] = r.greedy(enc, max_new_tokens=MAX_NEW)
             stats[name] = r.stats
@@ -71,7 +81,9 @@ def test_cache_prefetch_and_schedule_change_timing_only():
         np.testing.assert_array_equal(np.asarray(outs[name].tokens), np.asarray(outs["inorder"].tokens))
     assert stats["inorder"].hits == 0
     assert stats["lru"].hits > 0 and stats["lru"].loads < stats["inorder"].loads
-    assert stats["lru+prefetch"].prefetches > 0
+    assert stats["lfu+prefetch"].prefetches > 0 and stats["lfu+prefetch"].hits > 0
+    assert stats["host+prefetch"].host_computes > 0  # prefetched experts ran on the device
+    assert stats["host+prefetch"].prefetches > 0 and stats["host+prefetch"].hits > 0
 
 
 def test_int8_transfer_keeps_greedy_tokens():
@@ -111,3 +123,52 @@ def test_calibration_gives_positive_costs():
         assert r.cost.compute(8) > 0
     finally:
         r.close()
+
+
+class _Buffer:
+    def __init__(self):
+        self.deleted = False
+
+    def delete(self):
+        self.deleted = True
+
+
+def test_slots_evict_the_lowest_score_and_never_exceed_k():
+    """lfu: the unpinned entry needed least often goes; a slot being filled counts; a prefetch
+    (no eviction, no wait) is refused when every slot is held."""
+    score = {("d", 0, 0): 5, ("d", 0, 1): 1, ("d", 0, 2): 3}
+    slots = DeviceSlots(2, score=lambda key: score.get(key, 0))
+    bufs = {}
+    for e in (0, 1):
+        key = ("d", 0, e)
+        slots.pin(key)
+        assert slots.reserve(key) == 0.0  # free all along
+        bufs[e] = _Buffer()
+        slots.fill(key, bufs[e])
+        slots.unpin(key)
+    assert slots.reserve(("d", 0, 9), wait=False, evict=False) is None  # full: no free slot
+    assert slots.reserve(("d", 0, 2), wait=False, evict=lambda v: score[v] < score[("d", 0, 2)]) is not None
+    assert bufs[1].deleted and not bufs[0].deleted and ("d", 0, 0) in slots  # expert 1 (score 1) went
+    assert slots.live() == 2 and slots.peak == 2
+    # Both slots held (one pinned, one still being filled): nothing can be evicted.
+    slots.pin(("d", 0, 0))
+    assert slots.reserve(("d", 0, 3), wait=False) is None and slots.peak == 2
+
+
+def test_paced_link_keeps_to_its_rate_from_its_own_clock():
+    link = Link(jax.devices()[0], bandwidth=4e6)  # 4 MB/s: 40 kB take 10 ms
+    buf = np.arange(10_000, dtype=np.float32)
+    start = time.perf_counter()
+    out = [link.transfer(buf) for _ in range(3)]
+    took = time.perf_counter() - start
+    np.testing.assert_array_equal(np.asarray(out[-1]), buf)
+    assert took >= 3 * buf.nbytes / 4e6 - 1e-3  # never faster than the set rate
+    assert link.achieved_bandwidth <= 4e6 * 1.01 and link.bytes == 3 * buf.nbytes
+    # A request that could have started long ago (its thread came late) starts on the link's
+    # clock, when the link was free (0.2 s ago), not when the thread came: its deadline has
+    # passed, so it is handed over at once, and the lateness shows in the achieved rate.
+    time.sleep(0.2)
+    link.reset_counters()
+    t = time.perf_counter()
+    link.transfer(buf, ready=t - 1.0)
+    assert link.last[0] <= t - 0.15 and link.achieved_bandwidth < 4e6 / 10

@@ -90,7 +90,7 @@ def test_degrades_gracefully_and_puts_cached_experts_first():
     c = list(rng.zipf(1.5, size=32).clip(max=20) * 0.3)
     order = S.infmoe_order(c, 1.0, 4)
     assert sorted(order) == list(range(32))
-    assert S.simulate(order, c, 1.0, 4).makespan <= S.simulate(S.inorder(range(32)), c, 1.0, 4).makespan
+    assert S.simulate(order, c, 1.0, 4).makespan <= S.simulate(S.inorder(range(32)), c, 1.0, 4).makespan + 1e-9
 
 
 def test_zero_compute_experts_are_left_out():
