@@ -157,7 +157,7 @@ def main(argv=None) -> int:
                     "jax": "XLA CPU pool, process pinned to the same cores"},
         "torch_flush_denormal": True,
         **result,
-        "targets": {"speedup_vs_torch": 1.5, "fraction_of_matmul_peak": 0.40},
+        "targets": {"speedup_vs_torch": 1.0, "fraction_of_matmul_peak": 0.5},  # issue 9: like for like, both untied
         "machine": machine_info(),
         "unix_time": int(time.time()),
     }
