@@ -2,6 +2,8 @@
 restored straight into a mesh's shardings in either direction, only missing leaves initialised."""
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -29,34 +31,60 @@ def test_names_and_shapes_between_layouts():
         "stack", [("encoder/layers_0/mlp/wo/kernel", None), ("encoder/layers_1/mlp/wo/kernel", None)])
 
 
-@pytest.mark.parametrize("saved_scanned", [False, True], ids=["per_layer_file", "stacked_file"])
-def test_restore_into_the_other_layout_on_a_mesh(tmp_path, saved_scanned):
-    source = Trainer(TINY.replace(scan_layers=saved_scanned), TrainerConfig(), make_mesh({"data": 8}))
-    params = source.init_state().params
-    ckpt_lib.save_params(params, source.model_config, tmp_path / "ckpt")
-    saved = ckpt_lib.params_to_numpy(params)
+def _stacked_by_hand(per_layer: dict) -> dict:
+    """The scanned layout's reference: each `X/layers_i/...` array put at index i of `X/layers/...`."""
+    out, groups = {}, {}
+    for name, value in per_layer.items():
+        found = re.fullmatch(r"(encoder|decoder)/layers_(\d+)/(.*)", name)
+        if found:
+            groups.setdefault(f"{found[1]}/layers/{found[3]}", {})[int(found[2])] = value
+        else:
+            out[name] = value
+    return {**out, **{name: np.stack([by[i] for i in range(len(by))]) for name, by in groups.items()}}
 
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One full init (params and optimiser state) of TINY on a data=2 x model=4 mesh, saved per
+    layer and stacked by hand: {scanned: (directory, {name: array})}, and the trainer."""
+    trainer = Trainer(TINY, TrainerConfig(), make_mesh({"data": 2, "model": 4}))
+    per_layer = ckpt_lib.params_to_numpy(trainer.init_state().params)
+    stacked = _stacked_by_hand(per_layer)
+    scanned = TINY.replace(scan_layers=True)
+    expected = ckpt_lib.param_paths.flatten(Trainer(scanned, TrainerConfig(), make_mesh({"data": 1})).abstract_params())
+    assert {k: tuple(v.shape) for k, v in expected.items()} == {k: v.shape for k, v in stacked.items()}
+    root = tmp_path_factory.mktemp("layouts")
+    out = {}
+    for is_scanned, flat, config in ((False, per_layer, TINY), (True, stacked, scanned)):
+        ckpt_lib.save_params(ckpt_lib.param_paths.nest(flat), config, root / str(is_scanned))
+        out[is_scanned] = (root / str(is_scanned), flat)
+    return out, trainer
+
+
+@pytest.mark.parametrize("saved_scanned", [False, True], ids=["per_layer_file", "stacked_file"])
+def test_restore_into_the_other_layout_on_a_mesh(saved, saved_scanned):
+    files, _ = saved
+    directory, flat = files[saved_scanned]
+    other = files[not saved_scanned][1]
     target = Trainer(TINY.replace(scan_layers=not saved_scanned), TrainerConfig(), make_mesh({"data": 2, "model": 4}))
-    loaded, plan = ckpt_lib.restore_partial(tmp_path / "ckpt", target.abstract_params(), lambda names: {})
+    loaded, plan = ckpt_lib.restore_partial(directory, target.abstract_params(), lambda names: {})
     assert all(s is not None for s in plan.values())
     out = ckpt_lib.params_to_numpy(loaded)
-    stacked, per_layer = ("decoder/layers/mlp/wi_0", "decoder/layers_2/mlp/wi_0")
-    if saved_scanned:
-        np.testing.assert_array_equal(out[per_layer], saved[stacked][2])
-    else:
-        np.testing.assert_array_equal(out[stacked][2], saved[per_layer])
+    assert out.keys() == other.keys()
+    for name, value in out.items():  # every array where the other layout has it
+        np.testing.assert_array_equal(value, other[name], err_msg=name)
     for name, leaf in ckpt_lib.param_paths.flatten(loaded).items():
         assert leaf.sharding == ckpt_lib.param_paths.flatten(target.param_shardings)[name], name
     # The whole set round trips through the other layout.
-    back, config = ckpt_lib.load_params(tmp_path / "ckpt", target.model_config.replace(scan_layers=saved_scanned))
+    back, config = ckpt_lib.load_params(directory, target.model_config.replace(scan_layers=saved_scanned))
     assert config.scan_layers == saved_scanned
     for name, value in ckpt_lib.params_to_numpy(back).items():
-        np.testing.assert_array_equal(value, saved[name], err_msg=name)
+        np.testing.assert_array_equal(value, flat[name], err_msg=name)
 
 
-def test_missing_parameters_alone_are_initialised(tmp_path):
-    trainer = Trainer(TINY, TrainerConfig(), make_mesh({"data": 2, "model": 4}))
-    full = ckpt_lib.params_to_numpy(trainer.init_state().params)
+def test_missing_parameters_alone_are_initialised(saved):
+    files, trainer = saved
+    full = files[False][1]
     names = ["decoder/layers_2/mlp/wo", "encoder/relpos_bias/rel_embedding"]
     fresh = init_params_subset(trainer, names)
     assert sorted(fresh) == names
