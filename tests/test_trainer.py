@@ -176,6 +176,7 @@ def test_moe_diagnostics_reach_the_train_and_eval_metrics():
         assert len(values) == 4, name
         np.testing.assert_allclose(evaluated[name], np.mean(values), rtol=1e-5, err_msg=name)
     assert 1.0 <= float(metrics["moe/load_max_over_mean"]) <= 4.0
+    assert float(metrics["aux_loss"]) > 0  # top-k: load-balancing + router z-loss reach the objective
     assert 0.0 <= float(metrics["moe/fraction_dropped"]) < 1.0
 
 

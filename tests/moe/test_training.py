@@ -5,13 +5,14 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("router", ["balanced", "top_k"])
-def test_moe_tiny_trains_with_the_train_binary(tmp_path, router):
+def test_moe_tiny_trains_with_the_train_binary(tmp_path):
+    """The BASE (balanced) router, CPM-2's; that top-k routing's auxiliary losses reach the
+    objective of the same train step is checked in-process by tests/test_trainer.py
+    (test_moe_diagnostics_reach_the_train_and_eval_metrics)."""
+    router = "balanced"
     model_dir = tmp_path / "run"
     args = [sys.executable, "-m", "cpm2_jax.train", "--gin_file=models/cpm2_moe_tiny.gin",
             "--gin_file=runs/pretrain.gin", "--gin_file=tests/gin/byte_pairs.gin",
@@ -25,11 +26,7 @@ def test_moe_tiny_trains_with_the_train_binary(tmp_path, router):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["step"] == 30 and (model_dir / "checkpoints" / "30").is_dir()
-    train = summary["train"]
-    if router == "top_k":
-        assert train["aux_loss"] > 0  # load-balancing + router z-loss reach the objective
-    else:
-        assert train["aux_loss"] == 0  # BASE balanced routing has no auxiliary loss
+    assert summary["train"]["aux_loss"] == 0  # BASE balanced routing has no auxiliary loss
     records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r.get("split") == "train"]
     assert len(losses) >= 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
