@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from cpm2_jax import checkpoints as ckpt_lib
 from cpm2_jax import datasets, decoding, gin_utils
 from cpm2_jax.config import ModelConfig
-from cpm2_jax.errors import ConfigError
+from cpm2_jax.errors import ConfigError, DataError
 from cpm2_jax.metrics_writer import MetricsWriter
 from cpm2_jax.partitioning import ModelSharding
 from cpm2_jax.trainer import TokenMetrics
@@ -129,39 +129,70 @@ def evaluate(*, model_config: Optional[ModelConfig] = None, dataset_cfg: dataset
     def on_mesh(batch):
         return token_metrics.shard_batch(local(batch))
 
-    def predict_fn(dataset):
-        out = []
+    def tagged(dataset, name: str, task_index: Optional[int]):
+        """The dataset's batches, each row with the task's prompt row (`task_index`), checked
+        against the prompt table (an unknown task index or a missing <sep> is one line)."""
         for indices, batch in _batches(dataset, batch_size):
-            with sharding.mesh_and_rules():
-                decoded = decoding.decode(params, on_mesh(batch)["encoder_input_tokens"], config=model_config,
-                                          method=decode_method, max_new_tokens=new_tokens, num_beams=num_beams)
-                tokens = np.asarray(multihost_utils.process_allgather(decoded.tokens, tiled=True))
-            out.extend(zip(indices, prediction_rows(tokens)))
-        return out
+            if task_index is not None:
+                batch["task_index"] = np.full(batch_size, task_index, np.int32)
+            if model_config.prompt is not None:
+                from cpm2_jax.prompts.placement import check_batch
 
-    def score_fn(dataset):
-        out = []
-        for indices, batch in _batches(dataset, batch_size):
-            with sharding.mesh_and_rules():
-                placed = on_mesh(batch)
-                _, totals = decoding.score(params, placed["encoder_input_tokens"], placed["decoder_target_tokens"],
-                                           config=model_config)
-                totals = np.asarray(multihost_utils.process_allgather(totals, tiled=True))
-            out.extend((i, float(totals[r])) for r, i in enumerate(indices))
-        return out
+                check_batch(batch["encoder_input_tokens"], batch.get("task_index"), model_config.prompt,
+                            f"eval task {name!r}")
+            yield indices, batch
 
-    evaluator = seqio.Evaluator(provider.name, feature_converter=seqio.EncDecFeatureConverter(pack=False),
-                                eval_split=dataset_cfg.split, sequence_length=lengths, num_examples=num_examples,
-                                seed=dataset_cfg.seed, use_memory_cache=True, logger_cls=())
-    if not evaluator.eval_tasks:
-        raise ConfigError(f"{provider.name!r} has no task with a {dataset_cfg.split!r} split to evaluate")
-    future, _ = evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn, score_fn=score_fn)
-    computed = future.result() or {}
+    def model_fns(name: str, task_index: Optional[int]):
+        def predict_fn(dataset):
+            out = []
+            for indices, batch in tagged(dataset, name, task_index):
+                with sharding.mesh_and_rules():
+                    placed = on_mesh(batch)
+                    decoded = decoding.decode(params, placed["encoder_input_tokens"], config=model_config,
+                                              method=decode_method, max_new_tokens=new_tokens, num_beams=num_beams,
+                                              task_index=placed.get("task_index"))
+                    tokens = np.asarray(multihost_utils.process_allgather(decoded.tokens, tiled=True))
+                out.extend(zip(indices, prediction_rows(tokens)))
+            return out
 
+        def score_fn(dataset):
+            out = []
+            for indices, batch in tagged(dataset, name, task_index):
+                with sharding.mesh_and_rules():
+                    placed = on_mesh(batch)
+                    _, totals = decoding.score(params, placed["encoder_input_tokens"],
+                                               placed["decoder_target_tokens"], config=model_config,
+                                               task_index=placed.get("task_index"))
+                    totals = np.asarray(multihost_utils.process_allgather(totals, tiled=True))
+                out.extend((i, float(totals[r])) for r, i in enumerate(indices))
+            return out
+
+        return predict_fn, score_fn
+
+    # One seqio evaluator per task: a prompt-tuned model serves the k-th task of a mixture
+    # (seqio's order, by name) with prompt row k, as training does (tasks.streams.MixtureStream
+    # tags each example with it); a single task takes row 0. seqio's feature converter keeps
+    # model features only, so the row is added to each batch here.
+    leaves = list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+    if model_config.prompt is not None and isinstance(provider, seqio.Mixture) \
+            and len(leaves) > model_config.prompt.num_tasks:
+        rows = model_config.prompt.num_tasks
+        raise DataError(f"eval task {leaves[rows].name!r} of mixture {provider.name!r} has task index {rows}, but "
+                        f"the prompt table has {rows} task(s) (0..{rows - 1})")
     results: dict[str, dict[str, float]] = {}
-    for task in evaluator.eval_tasks:
+    for index, task in enumerate(leaves):
+        task_index = index if model_config.prompt is not None and isinstance(provider, seqio.Mixture) else None
+        evaluator = seqio.Evaluator(task.name, feature_converter=seqio.EncDecFeatureConverter(pack=False),
+                                    eval_split=dataset_cfg.split, sequence_length=lengths, num_examples=num_examples,
+                                    seed=dataset_cfg.seed, use_memory_cache=True, logger_cls=())
+        if not evaluator.eval_tasks:
+            continue
+        predict_fn, score_fn = model_fns(task.name, task_index)
+        future, _ = evaluator.evaluate(compute_metrics=True, predict_fn=predict_fn, score_fn=score_fn)
+        computed = future.result() or {}
         model_ds = evaluator.cached_model_datasets[task.name]
-        teacher_forced = token_metrics.evaluate(params, (on_mesh(b) for _, b in _batches(model_ds, batch_size)))
+        teacher_forced = token_metrics.evaluate(
+            params, (on_mesh(b) for _, b in tagged(model_ds, task.name, task_index)))
         metrics = {"token_loss": teacher_forced["loss"], "token_accuracy": teacher_forced["accuracy"],
                    "examples": float(len(evaluator.cached_task_datasets[task.name])),
                    **{k: teacher_forced[k] for k in token_metrics.moe_metric_names}}  # MoE routing diagnostics
@@ -170,6 +201,8 @@ def evaluate(*, model_config: Optional[ModelConfig] = None, dataset_cfg: dataset
             if number is not None:
                 metrics[key] = number
         results[task.name] = metrics
+    if not results:
+        raise ConfigError(f"{provider.name!r} has no task with a {dataset_cfg.split!r} split to evaluate")
 
     if output_dir and jax.process_index() == 0:
         out = pathlib.Path(output_dir).expanduser()
