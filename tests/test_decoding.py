@@ -1,5 +1,7 @@
 """Decoding: the KV cache against full forward passes, greedy/beam against transformers'
 `generate` on a converted MT5, sampling filters and determinism, scoring."""
+import functools
+
 import numpy as np
 import pytest
 
@@ -81,23 +83,38 @@ def hf_generate(hf, enc, **kwargs):
 # The cache
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_cached_steps_equal_teacher_forced_logits(scan):
+@functools.lru_cache(maxsize=None)
+def _teacher_forced(scan: bool):
+    """(config, params, enc, dec, full-pass logits, encoder states) of a tiny model, jitted and
+    shared by the parametrisations below."""
     config = get_config("tiny", vocab_size=128, init_std=0.3, scan_layers=scan)
     model = EncoderDecoder(config)
     enc = jnp.array([[5, 6, 7, 8, 9, 1, 0], [9, 10, 1, 0, 0, 0, 0]], jnp.int32)
     dec = jnp.array([[0, 3, 4, 5, 6, 7], [0, 7, 8, 9, 2, 11]], jnp.int32)
-    params = model.init(jax.random.PRNGKey(0), enc, dec)["params"]
-    full = model.apply({"params": params}, enc, dec)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), enc, dec)["params"]
+    full = jax.jit(model.apply)({"params": params}, enc, dec)
+    encoded = jax.jit(lambda p, e: model.apply({"params": p}, e, method=model.encode))(params, enc)
+    return config, params, enc, dec, full, encoded
 
-    encoded = model.apply({"params": params}, enc, method=model.encode)
-    cache = decoding.init_cache(config, params, encoded, enc, dec.shape[1])
-    step = jax.jit(lambda tokens, cache: decoding.make_step(config, params, encoded, enc)(tokens, cache))
+
+@pytest.mark.parametrize("scan,stack", [(False, True), (True, True), (False, False)])
+def test_cached_steps_equal_teacher_forced_logits(scan, stack):
+    """Cached steps (with the stacked qkv / wi kernels of `decode_weights`, CPU's default, or
+    the per-projection kernels) give the logits of one full forward pass."""
+    config, params, enc, dec, full, encoded = _teacher_forced(scan)
+    cache = jax.jit(decoding.init_cache, static_argnums=(0, 4))(config, params, encoded, enc, dec.shape[1])
+    step = jax.jit(lambda p, e, tokens, cache: decoding.make_step(config, p, e, enc, stack_weights=stack)(
+        tokens, cache))
     steps = []
     for t in range(dec.shape[1]):  # one compiled step, called once per position
-        logits, cache = step(dec[:, t], cache)
+        logits, cache = step(params, encoded, dec[:, t], cache)
         steps.append(logits)
     assert int(cache["decoder"]["cache_index"]) == dec.shape[1]
+    if stack:  # the step really reads the stacked kernels: 3 fewer matmuls per (scanned) layer
+        def matmuls(flag):
+            fn = decoding.make_step(config, params, encoded, enc, stack_weights=flag)
+            return str(jax.make_jaxpr(fn)(dec[:, 0], cache)).count("dot_general")
+        assert matmuls(False) - matmuls(True) == 3 * (1 if scan else config.num_decoder_layers)
     np.testing.assert_allclose(jnp.stack(steps, axis=1), full, atol=2e-4, rtol=1e-4)
     assert float(jnp.abs(full).max()) > 1.0  # not a degenerate near-zero model
 

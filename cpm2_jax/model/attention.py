@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from cpm2_jax.config import dtype_of
-from cpm2_jax.model.dense import Projection, normal_init
+from cpm2_jax.model.dense import DECODE_WEIGHTS, Projection, normal_init, stacked_projections
 
 # Added to the logits of masked positions. Finite (not -inf) so a fully masked row (a padded
 # query) gives a uniform distribution instead of NaN.
@@ -165,7 +165,9 @@ class MultiHeadAttention(nn.Module):
     decode=True, cross-attention: the projected encoder keys/values are read from
     `cached_key`/`cached_value` [batch, encoder_length, heads, head_dim], filled once before
     the first step (`decoding.init_cache`; the cache-shaping pass computes them too).
-    A decoding step's cross-attention on CPU attends with `single_query_attention`.
+    A decoding step's cross-attention on CPU attends with `single_query_attention`; its
+    self-attention projects with one stacked [embed, 3, heads, kv] kernel when the caller
+    passes one (collection `DECODE_WEIGHTS`, entry "qkv").
     """
 
     num_heads: int
@@ -186,13 +188,20 @@ class MultiHeadAttention(nn.Module):
         proj = dict(features=(self.num_heads, self.head_dim), kernel_axes=("embed", "heads", "kv"),
                     init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
                     cpu_weight_grads=self.cpu_weight_grads)
-        query = Projection(name="query", **proj)(inputs_q)
 
         def project_kv():
             return (Projection(name="key", **proj)(inputs_kv), Projection(name="value", **proj)(inputs_kv))
 
+        stacked = self.decode and not self.is_cross_attention and self.has_variable(DECODE_WEIGHTS, "qkv")
+        if stacked:  # a decoding step: query, key and value from one matmul (decoding.decode_weights)
+            query, key, value = stacked_projections(inputs_q, self.get_variable(DECODE_WEIGHTS, "qkv"),
+                                                    dtype_of(self.dtype))
+        else:
+            query = Projection(name="query", **proj)(inputs_q)
         if self.decode and self.is_cross_attention:
             key, value = self._cached_cross_kv(project_kv, inputs_kv)
+        elif stacked:
+            key, value = self._update_self_cache(key, value, cache_index)
         elif self.decode:
             key, value = project_kv()
             key, value = self._update_self_cache(key, value, cache_index)

@@ -69,6 +69,23 @@ def matmul(x: jax.Array, w: jax.Array, cpu_weight_grads: str = "auto") -> jax.Ar
     return linear(x, w) if use_cpu_weight_grads(cpu_weight_grads) else x @ w
 
 
+# The variable collection of a decoding step's stacked projection kernels (built once per
+# decoding call by `decoding.decode_weights`; attention and the FFN read it when present).
+DECODE_WEIGHTS = "decode_weights"
+
+
+def stacked_projections(x: jax.Array, kernel: jax.Array, dtype) -> tuple[jax.Array, ...]:
+    """x [..., in] times each of the n kernels stacked in `kernel` [in, n, *features], as ONE
+    matmul x [tokens, in] . [in, n * prod(features)]: the n outputs [..., *features]. Each
+    output is the same sum over `in` as its own projection; at batch 1 (a decoding step) one
+    pass over a contiguous matrix replaces n small matrix-vector products."""
+    in_size, n, features = kernel.shape[0], kernel.shape[1], kernel.shape[2:]
+    lead = x.shape[:-1]
+    y = x.astype(dtype).reshape(-1, in_size) @ kernel.astype(dtype).reshape(in_size, -1)
+    y = y.reshape((-1, n) + features)
+    return tuple(y[:, i].reshape(lead + features) for i in range(n))
+
+
 def normal_init(std: float):
     """normal(0, std): the original CPM-2 code initialises every matrix with std 0.001."""
     return nn.initializers.normal(stddev=std)

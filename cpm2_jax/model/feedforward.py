@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from cpm2_jax.config import FFN_WEIGHTS, dtype_of
-from cpm2_jax.model.dense import is_symbolic_zero, use_cpu_weight_grads, weight_grad
+from cpm2_jax.model.dense import (DECODE_WEIGHTS, is_symbolic_zero, stacked_projections, use_cpu_weight_grads,
+                                  weight_grad)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -158,6 +159,12 @@ class MlpBlock(nn.Module):
                    for name in FFN_WEIGHTS[self.activation][:-1]}
         weights["wo"] = self.param("wo", nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
                                                                       ("mlp", "embed")), (self.d_ff, d_model), pdtype)
+        if self.activation == "gated_gelu" and self.has_variable(DECODE_WEIGHTS, "wi"):
+            # A decoding step: wi_0 and wi_1 as one stacked [embed, 2, mlp] kernel, one matmul
+            # (decoding.decode_weights); the same h = gelu(x wi_0) * (x wi_1), y = h wo.
+            dtype = dtype_of(self.dtype)
+            a, b = stacked_projections(x, self.get_variable(DECODE_WEIGHTS, "wi"), dtype)
+            return (gelu(a) * b) @ weights["wo"].astype(dtype)
         drop = nn.Dropout(self.dropout_rate)
         dropout = None
         if self.dropout_rate > 0.0 and not self.deterministic:

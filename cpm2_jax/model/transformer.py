@@ -27,7 +27,7 @@ from cpm2_jax.config import ModelConfig
 from cpm2_jax.errors import ConfigError, closest
 from cpm2_jax.model.attention import (MultiHeadAttention, RelativePositionBias, attention_mask,
                                       mask_to_bias)
-from cpm2_jax.model.dense import Embed, Projection
+from cpm2_jax.model.dense import DECODE_WEIGHTS, Embed, Projection
 from cpm2_jax.model.feedforward import MlpBlock
 from cpm2_jax.model.norm import RMSNorm
 
@@ -41,7 +41,7 @@ REMAT_POLICIES = {
 }
 
 # Collections whose per-layer entries are stacked along the scanned `layers` axis.
-_SCANNED_COLLECTIONS = ("params", "cache", "intermediates", "aux_loss")
+_SCANNED_COLLECTIONS = ("params", "cache", "intermediates", "aux_loss", DECODE_WEIGHTS)
 
 
 class _Layer(nn.Module):
