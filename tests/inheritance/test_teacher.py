@@ -28,7 +28,7 @@ KI_METRICS = ("lm_loss", "kd_loss", "ki_alpha", "teacher_agreement", "teacher_lo
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     ones = np.ones((1, 8), np.int32)
-    params = nn.unbox(EncoderDecoder(TEACHER).init(jax.random.PRNGKey(7), ones, ones))["params"]
+    params = nn.unbox(jax.jit(EncoderDecoder(TEACHER).init)(jax.random.PRNGKey(7), ones, ones))["params"]
     # A teacher with an opinion: scale its output matrix so its distribution is far from uniform.
     params["decoder"]["logits_dense"]["kernel"] = params["decoder"]["logits_dense"]["kernel"] * 3000.0
     return save_params(params, TEACHER, tmp_path_factory.mktemp("teacher") / "ckpt")

@@ -25,7 +25,7 @@ DATA = DatasetConfig("byte_pairs", {"inputs": 24, "targets": 16}, batch_size=4)
 
 def test_topk_outputs_with_k_equal_to_the_vocabulary_match_the_in_step_teacher(tmp_path):
     ones = np.ones((1, 8), np.int32)
-    params = nn.unbox(EncoderDecoder(TEACHER).init(jax.random.PRNGKey(3), ones, ones))["params"]
+    params = nn.unbox(jax.jit(EncoderDecoder(TEACHER).init)(jax.random.PRNGKey(3), ones, ones))["params"]
     params["decoder"]["logits_dense"]["kernel"] = params["decoder"]["logits_dense"]["kernel"] * 3000.0
     teacher_dir = save_params(params, TEACHER, tmp_path / "teacher")
     summary = topk.write_teacher_outputs(teacher_checkpoint=str(teacher_dir), output_dir=str(tmp_path / "topk"),

@@ -19,7 +19,7 @@ DEC = jnp.array([[0, 5, 6, 7], [0, 3, 4, 5]])
 def _loss_and_grads(setting):
     config = get_config("tiny", init_std=0.3, num_encoder_layers=1, num_decoder_layers=1, cpu_weight_grads=setting)
     model = EncoderDecoder(config)
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), ENC, DEC))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), ENC, DEC))["params"]
 
     def loss(p):
         logits = model.apply({"params": p}, ENC, DEC)

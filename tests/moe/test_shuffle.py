@@ -49,7 +49,7 @@ def test_moe_layer_routes_the_shuffled_groups_in_training(monkeypatch, backend):
     values and gradients; without a dropout rng or at inference, no shuffle."""
     c = get_config("cpm2_moe_tiny", moe_router="balanced", init_std=0.05, moe_backend=backend, dropout_rate=0.0)
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, c.d_model))  # 4 groups of 16 (one per sequence)
-    params = nn.unbox(MoeBlock(config=c).init(jax.random.PRNGKey(1), x))["params"]
+    params = nn.unbox(jax.jit(MoeBlock(config=c).init)(jax.random.PRNGKey(1), x))["params"]
     plans = []
     monkeypatch.setattr(layer_lib, "make_shuffle", lambda *a: plans.append(make_shuffle(*a)) or plans[-1])
 
