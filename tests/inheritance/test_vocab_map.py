@@ -31,7 +31,7 @@ def subset_teacher():
     config = get_config("tiny").replace(vocab_size=16, d_model=16, d_ff=32, num_heads=2, head_dim=8,
                                         num_encoder_layers=1, num_decoder_layers=1)
     ones = np.ones((1, 4), np.int32)
-    params = nn.unbox(jax.jit(EncoderDecoder(config).init)(jax.random.PRNGKey(1), ones, ones))["params"]
+    params = nn.unbox(EncoderDecoder(config).init(jax.random.PRNGKey(1), ones, ones))["params"]
     params["decoder"]["logits_dense"]["kernel"] = params["decoder"]["logits_dense"]["kernel"] * 2000.0
     mesh = make_mesh({"data": 1})
     id_map = map_pieces(TEACHER_PIECES, STUDENT_PIECES, 2, 3)
@@ -45,8 +45,8 @@ def test_teacher_logits_land_on_student_ids(subset_teacher):
     student_dec = np.array([[0, 6, 7, 5]], np.int32)  # y too
     mapped = np.asarray(teacher.logits(teacher.params, {"encoder_input_tokens": student_enc,
                                                         "decoder_input_tokens": student_dec}))
-    raw = np.asarray(jax.jit(EncoderDecoder(config).apply)({"params": params}, np.array([[4, 2, 5, 6, 1]], np.int32),
-                                                           np.array([[0, 4, 2, 6]], np.int32)))
+    raw = np.asarray(EncoderDecoder(config).apply({"params": params}, np.array([[4, 2, 5, 6, 1]], np.int32),
+                                                  np.array([[0, 4, 2, 6]], np.int32)))
     kept = id_map.old_to_new >= 0
     np.testing.assert_allclose(mapped[..., id_map.old_to_new[kept]], raw[..., :len(kept)][..., kept], rtol=1e-6)
     assert np.all(np.isneginf(mapped[..., ~id_map.shared_mask(16)]))  # x, y, <extra_id_2>, padding rows

@@ -15,7 +15,7 @@ DEC = jnp.array([[0, 5, 6, 7, 0], [0, 3, 4, 5, 6]])
 
 def init(config, enc=ENC, dec=DEC, seed=0, gain=300.0):
     model = EncoderDecoder(config)
-    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), enc, dec))["params"]
+    params = nn.unbox(model.init(jax.random.PRNGKey(seed), enc, dec))["params"]
     # Larger weights than the 0.001 init so every component visibly moves the logits.
     params = jax.tree_util.tree_map(lambda p: p * gain if p.ndim > 1 else p, params)
     return model, params
