@@ -35,14 +35,13 @@ def register(subparsers) -> None:
                                    "(or pytorch_model.bin with weights_only=True) and writes "
                                    "model_config.json + orbax params.")
     p.add_argument("hf_dir", help="transformers directory (config.json and model weights)")
-    p.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
+    add_output_args(p)
     p.add_argument("--scan_layers", action="store_true", help="stack layers for nn.scan (scan_layers=True)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter storage dtype (ModelConfig.param_dtype); default float32")
     p.add_argument("--vocabulary", default=None,
                    help="vocabulary file (sentencepiece .model or vocab.txt) saved with the checkpoint")
     p.add_argument("--extra_ids", type=int, default=100, help="sentinels on top of --vocabulary's pieces")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=run_from_hf)
 
     p = sub.add_parser("to-hf", help="cpm2_jax checkpoint -> transformers MT5 / Switch directory",
@@ -50,12 +49,11 @@ def register(subparsers) -> None:
                                    "MT5ForConditionalGeneration.from_pretrained (dense) or "
                                    "SwitchTransformersForConditionalGeneration.from_pretrained (MoE).")
     p.add_argument("ckpt_dir", help="a checkpoint: `cpm2 train` run (latest step), step folder or converted directory")
-    p.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
+    add_output_args(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of the written tensors; default: the checkpoint's")
     p.add_argument("--max_shard_bytes", type=int, default=None,
                    help="split model.safetensors into shards of at most this many bytes (with an index)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=run_to_hf)
 
     for name in _CONVERSION_MODULES:
@@ -66,10 +64,16 @@ def _report(**fields) -> None:
     print(json.dumps(fields))
 
 
-def _count(params) -> int:
-    from cpm2_jax import param_paths
+def add_output_args(p) -> None:
+    """OUT_DIR and --overwrite, as every conversion writes its result (all-or-nothing)."""
+    p.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
 
-    return sum(int(x.size) for x in param_paths.flatten(params).values())
+
+def _count(params) -> int:
+    from cpm2_jax.train_state import param_count
+
+    return param_count(params)
 
 
 def vocabulary_arg(path, extra_ids: int):

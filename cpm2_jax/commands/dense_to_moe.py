@@ -12,11 +12,13 @@ import json
 
 
 def register(subparsers) -> None:
+    from cpm2_jax.commands.convert import add_output_args
+
     p = subparsers.add_parser("dense-to-moe", help="dense cpm2_jax checkpoint -> MoE checkpoint (upcycling)",
                               description="Every expert of every MoE layer becomes a copy of the dense "
                                           "feed-forward block (its RMSNorm included); the router starts fresh.")
     p.add_argument("dense_dir", help="dense checkpoint (a run, step folder or converted directory)")
-    p.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
+    add_output_args(p)
     p.add_argument("--num_experts", type=int, required=True, help="experts per MoE layer (CPM-2-MoE: 32)")
     p.add_argument("--router", default="balanced", help="balanced (CPM-2), top_k or experts_choose")
     p.add_argument("--top_k", type=int, default=1, help="experts per token for --router top_k")
@@ -27,7 +29,6 @@ def register(subparsers) -> None:
                    help="one pre-norm before router and experts instead of one per expert (Switch)")
     p.add_argument("--router_bias", action="store_true", help="a bias in the top_k router (Switch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh router parameters")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=run)
 
 

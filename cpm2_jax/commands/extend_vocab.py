@@ -10,6 +10,8 @@ import json
 
 
 def register(subparsers) -> None:
+    from cpm2_jax.commands.convert import add_output_args
+
     p = subparsers.add_parser("extend-vocab", help="checkpoint -> checkpoint for a larger vocabulary (Chinese -> "
                                                    "bilingual)",
                               description="Every existing embedding/output row kept at its piece's new id (sentinels "
@@ -17,14 +19,13 @@ def register(subparsers) -> None:
                                           "a random existing row.")
     p.add_argument("ckpt", help="checkpoint to extend (any checkpoint of this project)")
     p.add_argument("new_vocab", help="the larger vocabulary (CPM-2 vocab.txt or sentencepiece .model)")
-    p.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
+    add_output_args(p)
     p.add_argument("--old_vocab", default=None, help="the checkpoint's vocabulary (default: the one saved in it)")
     p.add_argument("--extra_ids", type=int, default=100,
                    help="sentinels on top of a sentencepiece .model (a vocab.txt names its own); default 100")
     p.add_argument("--vocab_size", type=int, default=None,
                    help="rows of the new embedding (default: the new vocabulary's size; more pads with random rows)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random rows")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=run)
 
 

@@ -16,6 +16,8 @@ import sys
 
 
 def register(subparsers) -> None:
+    from cpm2_jax.commands.convert import add_output_args
+
     p = subparsers.add_parser("from-cpm2", help="original CPM-2 release (PyTorch model-parallel shards) -> checkpoint",
                               description="Reads the release's fp16 model-parallel shards (dense or MoE) with "
                                           "torch.load(weights_only=True) and an allow-list, shard by shard, and "
@@ -23,32 +25,29 @@ def register(subparsers) -> None:
     p.add_argument("release_dir", help="directory of mp_rank_*_model_states.pt files (or its parent with "
                                        "latest_checkpointed_iteration.txt)")
     p.add_argument("vocab", help="the release's vocab.txt (bpe_cn/vocab.txt or bpe_cn_en/vocab.txt)")
-    p.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
+    add_output_args(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter storage dtype (the release is fp16; both hold it exactly); default float32")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=run_from_cpm2)
 
     p = subparsers.add_parser("to-cpm2", help="checkpoint -> original CPM-2 release layout (fp16 shards)",
                               description="Writes the release's model-parallel fp16 shards, the tracker file "
                                           "and vocab.txt, loadable by the release's code.")
     p.add_argument("ckpt", help="a checkpoint (a run, step folder or converted directory)")
-    p.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
+    add_output_args(p)
     p.add_argument("--vocab", default=None, help="vocab.txt (default: the one saved in the checkpoint)")
     p.add_argument("--mp", type=int, default=4, help="model-parallel ranks to split into (the release: 4)")
     p.add_argument("--iteration", type=int, default=0, help="iteration number of the written directory")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=run_to_cpm2)
 
     p = subparsers.add_parser("from-t5x", help="t5x checkpoint directory (T5 1.1 / mT5) -> checkpoint",
                               description="Reads the msgpack `checkpoint` file and its TensorStore (zarr) arrays, "
                                           "one at a time; the config is inferred from the shapes.")
     p.add_argument("t5x_dir", help="a t5x checkpoint_N directory (with its `checkpoint` file)")
-    p.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
+    add_output_args(p)
     p.add_argument("--vocabulary", default=None, help="vocabulary file (sentencepiece .model) saved with the checkpoint")
     p.add_argument("--extra_ids", type=int, default=100, help="sentinels on top of --vocabulary's pieces")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter storage dtype")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=run_from_t5x)
 
 
@@ -56,13 +55,8 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _count(params) -> int:
-    from cpm2_jax import param_paths
-
-    return sum(int(x.size) for x in param_paths.flatten(params).values())
-
-
 def run_from_cpm2(args) -> int:
+    from cpm2_jax.train_state import param_count
     import pathlib
 
     from cpm2_jax.checkpoints import VocabularySpec, save_params
@@ -79,11 +73,12 @@ def run_from_cpm2(args) -> int:
     save_params(params, config, args.out_dir, overwrite=args.overwrite, vocabulary=spec)
     print(json.dumps({"conversion": "from-cpm2", "source": str(args.release_dir), "output": str(args.out_dir),
                       "vocab_size": config.vocab_size, "num_experts": config.num_experts,
-                      "parameters": _count(params), "param_dtype": config.param_dtype}))
+                      "parameters": param_count(params), "param_dtype": config.param_dtype}))
     return 0
 
 
 def run_to_cpm2(args) -> int:
+    from cpm2_jax.train_state import param_count
     import pathlib
 
     from cpm2_jax.checkpoints import layout, load_params
@@ -110,11 +105,12 @@ def run_to_cpm2(args) -> int:
     write_release(params, config, vocab, args.out_dir, mp=args.mp, iteration=args.iteration,
                   overwrite=args.overwrite, progress=_progress)
     print(json.dumps({"conversion": "to-cpm2", "source": str(args.ckpt), "output": str(args.out_dir), "mp": args.mp,
-                      "num_experts": config.num_experts, "parameters": _count(params)}))
+                      "num_experts": config.num_experts, "parameters": param_count(params)}))
     return 0
 
 
 def run_from_t5x(args) -> int:
+    from cpm2_jax.train_state import param_count
     from cpm2_jax.checkpoints import save_params
     from cpm2_jax.commands.convert import vocabulary_arg
     from cpm2_jax.convert.atomic import check_writable
@@ -128,6 +124,6 @@ def run_from_t5x(args) -> int:
         raise ConfigError(f"--vocabulary has {vocabulary.load().vocab_size} ids, more than the model's "
                           f"vocab_size {config.vocab_size}")
     save_params(params, config, args.out_dir, overwrite=args.overwrite, vocabulary=vocabulary)
-    print(json.dumps({"conversion": "from-t5x", "output": str(args.out_dir), "parameters": _count(params),
+    print(json.dumps({"conversion": "from-t5x", "output": str(args.out_dir), "parameters": param_count(params),
                       **describe(config, str(args.t5x_dir))}))
     return 0
