@@ -62,9 +62,11 @@ def _restore_args(target):
     return ocp.RestoreArgs(restore_type=np.ndarray, dtype=target.dtype)
 
 
-def read_arrays(step_dir: pathlib.Path, targets: Mapping[str, Any], *, prefix: str = "params") -> dict[str, Any]:
+def read_arrays(step_dir: pathlib.Path, targets: Mapping[str, Any], *, prefix: str = "params",
+                saved: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """{name: array} of the named arrays under `state/<prefix>/`, each restored into its
-    target (a ShapeDtypeStruct: its sharding, or host numpy without one), fingerprints checked."""
+    target (a ShapeDtypeStruct: its sharding, or host numpy without one), fingerprints checked.
+    `saved`: the step's {name: metadata} under `prefix` when the caller has read it already."""
     import orbax.checkpoint as ocp
 
     if not targets:
@@ -85,7 +87,8 @@ def read_arrays(step_dir: pathlib.Path, targets: Mapping[str, Any], *, prefix: s
     # A fingerprint is of the saved bytes: an array restored into another dtype (a float32
     # checkpoint read as a bfloat16 backbone) cannot be checked against it after the cast, so
     # only arrays read in their saved dtype are verified (read errors still surface for all).
-    saved = param_paths.flatten(layout.state_tree_metadata(step_dir).get(prefix, {}))
+    if saved is None:
+        saved = param_paths.flatten(layout.state_tree_metadata(step_dir).get(prefix, {}))
     same_dtype = {k: v for k, v in arrays.items()
                   if k in saved and np.dtype(saved[k].dtype) == np.dtype(v.dtype)}
     integrity.verify({f"{prefix}/{k}": v for k, v in same_dtype.items()},
@@ -96,7 +99,8 @@ def read_arrays(step_dir: pathlib.Path, targets: Mapping[str, Any], *, prefix: s
 def restore_params(step_dir: pathlib.Path, targets: Mapping[str, Any], plan: Mapping[str, str]) -> dict[str, Any]:
     """{target name: array} for every target in `plan` ({target: source name in the target's
     layout}), read from the step in whatever layout it was saved."""
-    found = layout.param_shapes(step_dir)
+    metadata = layout.param_metadata(step_dir)
+    found = {k: tuple(v.shape) for k, v in metadata.items()}
     scanned_source = layers.is_scanned(found)
     counts = layers.layer_counts(found)
     recipes, wanted = {}, {}
@@ -110,7 +114,7 @@ def restore_params(step_dir: pathlib.Path, targets: Mapping[str, Any], plan: Map
             wanted[name] = (leaf if how == "same" else
                             layers.source_target(leaf, index, counts.get(name.split("/")[0], 0)) if how == "index"
                             else layers.source_target(leaf, None, 0))
-    arrays = read_arrays(step_dir, wanted)
+    arrays = read_arrays(step_dir, wanted, saved=metadata)
     out = {}
     for target, (how, parts) in recipes.items():
         value = layers.assemble(how, [(arrays[name], index) for name, index in parts], _stack)
