@@ -373,6 +373,7 @@ class OffloadRunner:
         buf = self.link.transfer(host_buf)
         start = time.perf_counter()
         for _ in range(reps):
+            buf.delete()  # its buffer goes back to the link's pool
             buf = self.link.transfer(host_buf)
         load = (time.perf_counter() - start) / reps
         kw = dict(activation=c.ffn_activation, dtype=c.dtype, layout=self.store.layout)

@@ -164,6 +164,11 @@ def test_paced_link_keeps_to_its_rate_from_its_own_clock():
     np.testing.assert_array_equal(np.asarray(out[-1]), buf)
     assert took >= 3 * buf.nbytes / 4e6 - 1e-3  # never faster than the set rate
     assert link.achieved_bandwidth <= 4e6 * 1.01 and link.bytes == 3 * buf.nbytes
+    # Staging buffers are allocated once and reused once the array handed over is deleted.
+    for a in out:
+        a.delete()
+    np.testing.assert_array_equal(np.asarray(link.transfer(buf * 2)), buf * 2)
+    assert len(link._pool) == 3
     # A request that could have started long ago (its thread came late) starts on the link's
     # clock, when the link was free (0.2 s ago), not when the thread came: its deadline has
     # passed, so it is handed over at once, and the lateness shows in the achieved rate.
@@ -172,3 +177,24 @@ def test_paced_link_keeps_to_its_rate_from_its_own_clock():
     t = time.perf_counter()
     link.transfer(buf, ready=t - 1.0)
     assert link.last[0] <= t - 0.15 and link.achieved_bandwidth < 4e6 / 10
+
+
+def test_int8_pack_unpack_is_round_to_nearest_per_column():
+    """Quantisation by itself (no model): every dequantised weight is within half a step of its
+    column's scale (max|w[:, j]| / 127), the largest of each column is exact, vectors stay float32."""
+    from cpm2_jax.offload.store import pack_expert, unpack
+
+    rng = np.random.default_rng(0)
+    weights = {"wi": rng.normal(size=(16, 24)).astype(np.float32), "wo": rng.normal(size=(24, 16)).astype(np.float32),
+               "scale": rng.normal(size=(16,)).astype(np.float32)}
+    buf, layout = pack_expert(weights, int8=True)
+    assert layout.nbytes < sum(w.nbytes for w in weights.values()) / 3
+    got = {k: np.asarray(v) for k, v in unpack(jnp.asarray(buf), layout).items()}
+    np.testing.assert_array_equal(got["scale"], weights["scale"])
+    for name in ("wi", "wo"):
+        w = weights[name]
+        step = np.abs(w).max(axis=0) / 127
+        assert (np.abs(got[name] - w) <= step / 2 + 1e-7).all()
+        cols = np.arange(w.shape[1])
+        top = np.abs(w).argmax(axis=0)
+        np.testing.assert_allclose(got[name][top, cols], w[top, cols], rtol=1e-6)
