@@ -5,9 +5,9 @@ so every save records a fingerprint per array in the step's config item,
 
     fingerprint(x) = (sum over elements of x's bit pattern as an unsigned integer) mod 2**32,
 
-computed on device before saving (one reduction per array) and recomputed after a restore.
-A truncated file, a missing `_METADATA` or a broken index fails inside orbax/tensorstore
-instead; `describe_read_error` turns either into one line naming the file.
+computed before saving (one reduction per array, on device or in place on the host) and
+recomputed after a restore. A truncated file, a missing `_METADATA` or a broken index fails
+inside orbax/tensorstore instead; `describe_read_error` turns either into one line naming the file.
 """
 from __future__ import annotations
 
@@ -37,16 +37,32 @@ def _device_fingerprint(x):
     return jnp.sum(x.astype(jnp.uint32), dtype=jnp.uint32)
 
 
+def _host_fingerprint(x: np.ndarray) -> int:
+    """`_device_fingerprint` of a host array, read in place: numpy reduces the unsigned view in
+    small buffered blocks (a sum mod 2**64, so mod 2**32 it is the device's uint32 sum)."""
+    unsigned = x.view(_UNSIGNED[x.dtype.itemsize])
+    return int(np.sum(unsigned, dtype=np.uint64)) % 2**32
+
+
 def fingerprints(tree) -> dict[str, int]:
-    """{array name: fingerprint} of a tree of (sharded) jax or numpy arrays, computed on device."""
+    """{array name: fingerprint} of a tree of (sharded) jax or numpy arrays.
+
+    Host (numpy) arrays of up to 4-byte items are summed where they lie, one at a time, so
+    fingerprinting a converted model never copies it (a device program would first transfer
+    the whole tree); jax arrays (and 8-byte host ones, which jax narrows without x64) go
+    through one jitted reduction on their devices. Both give the same value for the same bytes.
+    """
     import jax
 
     flat = param_paths.flatten(tree)
     names = [k for k, v in flat.items() if hasattr(v, "shape") and hasattr(v, "dtype")]
-    if not names:
-        return {}
-    values = jax.jit(lambda xs: [_device_fingerprint(x) for x in xs])([flat[k] for k in names])
-    return {k: int(v) for k, v in zip(names, jax.device_get(values))}
+    on_host = [k for k in names if isinstance(flat[k], np.ndarray) and flat[k].dtype.itemsize <= 4]
+    out = {k: _host_fingerprint(flat[k]) for k in on_host}
+    on_device = [k for k in names if k not in out]
+    if on_device:
+        values = jax.jit(lambda xs: [_device_fingerprint(x) for x in xs])([flat[k] for k in on_device])
+        out.update({k: int(v) for k, v in zip(on_device, jax.device_get(values))})
+    return {k: out[k] for k in names}
 
 
 def verify(restored: Mapping[str, Any], expected: Mapping[str, int], where: str) -> None:
