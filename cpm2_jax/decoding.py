@@ -217,7 +217,7 @@ def _prepare(params, encoder_input_tokens):
     return nn.meta.unbox(params), jnp.asarray(encoder_input_tokens, jnp.int32)
 
 
-def _lengths(tokens: jax.Array, eos_id: int) -> jax.Array:
+def output_lengths(tokens: jax.Array, eos_id: int) -> jax.Array:
     """Tokens up to and including the first EOS (all of them when there is none)."""
     is_eos = tokens == eos_id
     first = jnp.argmax(is_eos, axis=-1)
@@ -226,7 +226,7 @@ def _lengths(tokens: jax.Array, eos_id: int) -> jax.Array:
 
 def strip_after_eos(ids, eos_id: int = EOS_ID) -> list[int]:
     """One row of generated ids (host) before its first EOS: the output a user sees. The one
-    host-side EOS rule (infer's outputs; `_lengths` is the same rule on device)."""
+    host-side EOS rule (infer's outputs; `output_lengths` is the same rule on device)."""
     ids = [int(t) for t in ids]
     return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
@@ -270,7 +270,7 @@ def _sample_loop(step: StepFn, cache, batch: int, *, max_new_tokens: int, min_ne
 
     _, tokens, _, _, score, _ = jax.lax.while_loop(cond, body, init)
     out = tokens[:, 1:]
-    return DecodeOutput(tokens=out, scores=score, lengths=_lengths(out, eos_id))
+    return DecodeOutput(tokens=out, scores=score, lengths=output_lengths(out, eos_id))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "min_new_tokens", "eos_id",
@@ -328,10 +328,11 @@ def _gather(x: jax.Array, indices: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=1)
 
 
-def _beam_loop(step: StepFn, cache, batch: int, *, num_beams: int, max_new_tokens: int, min_new_tokens: int,
-               eos_id: int, alpha: jax.Array, penalty: Callable, early_stopping: Union[bool, str],
-               scanned: bool) -> DecodeOutput:
-    """Beam search over `batch` rows whose cache rows are laid out [batch * num_beams] (row-major)."""
+def beam_loop(step: StepFn, cache, batch: int, *, num_beams: int, max_new_tokens: int, min_new_tokens: int,
+              eos_id: int, alpha: jax.Array, penalty: Callable, early_stopping: Union[bool, str],
+              scanned: bool) -> DecodeOutput:
+    """Beam search over `batch` rows whose cache rows are laid out [batch * num_beams] (row-major);
+    `step` is any StepFn (offload.stepped drives it with a host-side step)."""
     k, n_cand = num_beams, 2 * num_beams
     seqs = jnp.full((batch, k, max_new_tokens + 1), PAD_ID, jnp.int32).at[:, :, 0].set(DECODER_START_ID)
     alive_scores = jnp.zeros((batch, k), jnp.float32).at[:, 1:].set(BEAM_NEG)  # only beam 0 starts live
@@ -398,7 +399,7 @@ def _beam_loop(step: StepFn, cache, batch: int, *, num_beams: int, max_new_token
     state = jax.lax.while_loop(cond, body, init)
     fin_seqs, fin_scores = state[3], state[4]
     out = fin_seqs[:, :, 1:]
-    return DecodeOutput(tokens=out, scores=fin_scores, lengths=_lengths(out, eos_id))
+    return DecodeOutput(tokens=out, scores=fin_scores, lengths=output_lengths(out, eos_id))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_beams", "max_new_tokens", "min_new_tokens", "eos_id",
@@ -412,10 +413,10 @@ def _beam_jit(params, encoder_input_tokens, task_index=None, *, config: ModelCon
     beam_tokens = jnp.repeat(encoder_input_tokens, num_beams, axis=0)
     cache = init_cache(config, params, encoded, beam_tokens, max_new_tokens)
     step = make_step(config, params, encoded, beam_tokens)
-    return _beam_loop(step, cache, batch, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                      min_new_tokens=min_new_tokens, eos_id=eos_id, alpha=alpha,
-                      penalty=LENGTH_PENALTIES[length_penalty_kind], early_stopping=early_stopping,
-                      scanned=config.scan_layers)
+    return beam_loop(step, cache, batch, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                     min_new_tokens=min_new_tokens, eos_id=eos_id, alpha=alpha,
+                     penalty=LENGTH_PENALTIES[length_penalty_kind], early_stopping=early_stopping,
+                     scanned=config.scan_layers)
 
 
 def beam_search(params, encoder_input_tokens, *, config: ModelConfig, num_beams: int, max_new_tokens: int,

@@ -212,7 +212,7 @@ class SteppedModel:
                 break
         out += [jnp.zeros((batch,), jnp.int32)] * (max_new_tokens - len(out))
         result = jnp.stack(out, axis=1)
-        return decoding.DecodeOutput(tokens=result, scores=score, lengths=decoding._lengths(result, eos_id))
+        return decoding.DecodeOutput(tokens=result, scores=score, lengths=decoding.output_lengths(result, eos_id))
 
     def beam_search(self, encoder_input_tokens, *, num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
                     length_penalty_kind: str = "hf", early_stopping=False, min_new_tokens: int = 0,
@@ -222,11 +222,11 @@ class SteppedModel:
         beam_tokens = jnp.repeat(tokens, num_beams, axis=0)
         state = self.init_state(encoded, beam_tokens, max_new_tokens)
         with jax.disable_jit():
-            return decoding._beam_loop(self._host_step, state, tokens.shape[0], num_beams=num_beams,
-                                       max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_id=eos_id,
-                                       alpha=jnp.float32(length_penalty),
-                                       penalty=decoding.LENGTH_PENALTIES[length_penalty_kind],
-                                       early_stopping=early_stopping, scanned=False)
+            return decoding.beam_loop(self._host_step, state, tokens.shape[0], num_beams=num_beams,
+                                      max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_id=eos_id,
+                                      alpha=jnp.float32(length_penalty),
+                                      penalty=decoding.LENGTH_PENALTIES[length_penalty_kind],
+                                      early_stopping=early_stopping, scanned=False)
 
     def _host_step(self, tokens, state):
         """The step called from decoding.py's loop bodies (run eagerly): layers jitted again."""
