@@ -15,13 +15,18 @@ fraction of each measured peak (the rest is activations and workspace).
 
 What the backward pass keeps (the same model code for both variants): a frozen weight keeps
 no input for its gradient (autodiff prunes it; the CPU VJPs of `cpu_weight_grads` skip it
-when JAX reports the weight unperturbed); RMSNorm keeps x alone, the GELU gate a and b alone,
-attention's softmax its float32 weights alone (elementwise recomputation, no matmul redone).
+when JAX reports the weight unperturbed) and, under `--scan_layers`, is its layer's own slice
+of the stacked parameter (not a stacked copy: Projection contracts kernels in their own shape);
+RMSNorm keeps x alone, the GELU gate a and b alone; attention keeps q, k, v and its float32
+log-normaliser, recomputing the softmax weights in the backward pass (`--attention_recompute
+on`, ModelConfig.attention_recompute; 'off' keeps the [batch, heads, q, k] float32 weights of
+every layer: 1.6 of the prompt step's 5.2 GiB more, ratio 0.51 instead of 0.42).
 XLA:CPU's buffer report still shows float32 stacks for many bfloat16 residuals and float32
-copies of the bf16 backbone's stacked weights (its bf16 handling): a GPU/TPU peak should be lower.
+copies of the bf16 backbone's stacked weights (it runs bf16 dynamic-slices and dots in
+float32): ~0.9 GiB of the prompt step; a GPU/TPU peak should be lower.
 
     python benchmarks/prompt_memory.py [--config base] [--batch 8] [--enc_len 512] [--dec_len 128]
-        [--dtype bfloat16] [--remat none full] [--execute]
+        [--dtype bfloat16] [--remat none full] [--attention_recompute on|off] [--scan_layers] [--execute]
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ def measure(args) -> dict:
     from cpm2_jax.trainer import Trainer, TrainerConfig
 
     config = get_config(args.config, dtype=args.dtype, remat_policy=args.remat, cpu_weight_grads=args.cpu_weight_grads,
-                        scan_layers=args.scan_layers)
+                        scan_layers=args.scan_layers, attention_recompute=args.attention_recompute == "on")
     optimizer = OptimizerConfig(learning_rate=5e-3 if args.variant == "prompt" else 1e-4, schedule="constant",
                                 weight_decay=0.0 if args.variant == "prompt" else 0.01)
     if args.variant == "prompt":
@@ -95,7 +100,8 @@ def measure(args) -> dict:
 def run_variant(args, variant: str, remat: str) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--remat_child", remat, "--config", args.config,
            "--batch", str(args.batch), "--enc_len", str(args.enc_len), "--dec_len", str(args.dec_len),
-           "--dtype", args.dtype, "--cpu_weight_grads", args.cpu_weight_grads]
+           "--dtype", args.dtype, "--cpu_weight_grads", args.cpu_weight_grads,
+           "--attention_recompute", args.attention_recompute]
     cmd += (["--execute"] if args.execute else []) + (["--scan_layers"] if args.scan_layers else [])
     print(f"[prompt_memory] {variant} fine-tuning={variant == 'full'} remat={remat} ...", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -117,6 +123,10 @@ def main() -> None:
                         help="ModelConfig.cpu_weight_grads of both variants; 'off' (what 'auto' is on GPU/TPU): "
                              "the CPU-only hand-written weight-gradient VJPs keep every matmul input as a "
                              "residual, even for frozen weights")
+    parser.add_argument("--attention_recompute", default="on", choices=["on", "off"],
+                        help="ModelConfig.attention_recompute of both variants: 'on' keeps attention's log-normaliser "
+                             "and recomputes its softmax weights in the backward pass (flash attention's trade); "
+                             "'off' keeps the [batch, heads, q, k] float32 weights of every layer")
     parser.add_argument("--scan_layers", action="store_true",
                         help="nn.scan over layers in both variants (as the 11B configs): compiles ~10x faster")
     parser.add_argument("--execute", action="store_true", help="also run one step per variant: peak RSS check")
@@ -143,6 +153,7 @@ def main() -> None:
     report = {"benchmark": "prompt_memory", "config": args.config, "batch": args.batch, "enc_len": args.enc_len,
               "dec_len": args.dec_len, "compute_dtype": args.dtype, "prompt_length": PROMPT_LENGTH,
               "cpu_weight_grads": args.cpu_weight_grads, "scan_layers": args.scan_layers,
+              "attention_recompute": args.attention_recompute,
               "memory_ratio": rows[default]["memory_ratio"], "memory_ratio_target": 0.45,
               "memory_ratio_met": rows[default]["memory_ratio"] <= 0.45, "default_remat": default,
               "by_remat": rows, "paper": "prompt tuning at 46-76% of full fine-tuning's GPU memory",

@@ -48,6 +48,11 @@ class ModelConfig:
     # "auto" = on when JAX's default backend is CPU, plain autodiff on GPU/TPU (so fusion and
     # the remat policies see every matmul); "on" / "off" force either. Same gradients.
     cpu_weight_grads: str = "auto"
+    # Attention's backward pass recomputes the softmax weights from q, k and the bias, keeping
+    # only their float32 log-normaliser [batch, heads, q] instead of the [batch, heads, q, k]
+    # float32 weights (flash attention's trade: one more q k^T per layer for the largest
+    # activation of long inputs). Same gradients up to float rounding; off keeps the weights.
+    attention_recompute: bool = False
     # Architecture switches for other T5-family checkpoints (defaults are CPM-2's): the FFN
     # "gated_gelu" (wi_0, wi_1, wo) or "relu" (wi, wo, Switch / T5 v1.0); a tied output head,
     # logits = (x * d_model**-0.5) . embedding^T, instead of the untied `logits_dense`.

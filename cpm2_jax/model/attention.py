@@ -98,14 +98,18 @@ def attention_mask(q_valid: Optional[jax.Array], k_valid: jax.Array, *, causal: 
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *,
-                          dropout=None, dtype=jnp.float32) -> jax.Array:
+                          dropout=None, dtype=jnp.float32, recompute: bool = False) -> jax.Array:
     """softmax(q k^T + bias) v with no 1/sqrt(d) scaling; logits and softmax in float32.
 
     q: [b, q, h, d]; k, v: [b, k, h, d]; bias: broadcastable to [b, h, q, k].
+    `recompute` (ModelConfig.attention_recompute, without dropout): the backward pass
+    recomputes the weights instead of keeping them (`_recomputed_attention`).
     """
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if dropout is None and recompute:
+        return _recomputed_attention(q, k, v, bias, jnp.dtype(dtype))
+    logits = _attention_logits(q, k, bias)
     if dropout is None:
-        return _softmax_values(logits + bias, v, jnp.dtype(dtype))
+        return _softmax_values(logits, v, jnp.dtype(dtype))
     weights = dropout(jax.nn.softmax(logits + bias, axis=-1))
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v)
 
@@ -129,10 +133,47 @@ def _softmax_values_bwd(dtype, res, dout):
     y, v = res
     dv = jnp.einsum("bhqk,bqhd->bkhd", y.astype(dtype), dout)
     dy = jnp.einsum("bqhd,bkhd->bhqk", dout, v).astype(jnp.float32)
-    return y * (dy - jnp.sum(y * dy, axis=-1, keepdims=True)), dv
+    return _weights_grad(y, dy), dv
 
 
 _softmax_values.defvjp(_softmax_values_fwd, _softmax_values_bwd)
+
+
+def _attention_logits(q, k, bias):
+    return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
+
+
+def _weights_grad(y, dy):
+    """d logits of y = softmax(logits) from dy: y (dy - sum(y dy))."""
+    return y * (dy - jnp.sum(y * dy, axis=-1, keepdims=True))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _recomputed_attention(q, k, v, bias, dtype):
+    """softmax(q k^T + bias) v (weights cast to `dtype` for the product) whose backward pass
+    keeps q, k, v, the bias and log Z [b, h, q, 1] alone: y = exp(logits - log Z) is
+    recomputed there (one more q k^T) instead of kept, O(b h q) float32 instead of O(b h q k)."""
+    return _recomputed_attention_fwd(q, k, v, bias, dtype)[0]
+
+
+def _recomputed_attention_fwd(q, k, v, bias, dtype):
+    logits = _attention_logits(q, k, bias)
+    log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    y = jnp.exp(logits - log_z)
+    return jnp.einsum("bhqk,bkhd->bqhd", y.astype(dtype), v), (q, k, v, bias, log_z)
+
+
+def _recomputed_attention_bwd(dtype, res, dout):
+    q, k, v, bias, log_z = res
+    logits, logits_vjp = jax.vjp(_attention_logits, q, k, bias)
+    y = jnp.exp(logits - log_z)
+    dv = jnp.einsum("bhqk,bqhd->bkhd", y.astype(dtype), dout)
+    dy = jnp.einsum("bqhd,bkhd->bhqk", dout, v).astype(jnp.float32)
+    dq, dk, dbias = logits_vjp(_weights_grad(y, dy))
+    return dq, dk, dv, dbias
+
+
+_recomputed_attention.defvjp(_recomputed_attention_fwd, _recomputed_attention_bwd)
 
 
 def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *,
@@ -180,6 +221,7 @@ class MultiHeadAttention(nn.Module):
     decode: bool = False
     is_cross_attention: bool = False
     cpu_weight_grads: str = "auto"  # ModelConfig.cpu_weight_grads
+    recompute: bool = False  # ModelConfig.attention_recompute
 
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array,
@@ -217,7 +259,8 @@ class MultiHeadAttention(nn.Module):
         # and a reshaped view of the updated buffer makes XLA:CPU copy the whole cache).
         cross_step = self.decode and self.is_cross_attention and query.shape[1] == 1
         attend = single_query_attention if cross_step and jax.default_backend() == "cpu" else dot_product_attention
-        out = attend(query, key, value, bias, dropout=drop, dtype=dtype_of(self.dtype))
+        extra = {} if attend is single_query_attention else {"recompute": self.recompute}
+        out = attend(query, key, value, bias, dropout=drop, dtype=dtype_of(self.dtype), **extra)
         out = nn.with_logical_constraint(out, axes)
         return Projection(features=(d_model,), kernel_axes=("heads", "kv", "embed"), num_input_axes=2,
                           init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -28,25 +28,42 @@ def is_symbolic_zero(t) -> bool:
     return isinstance(t, jax.custom_derivatives.SymbolicZero)
 
 
+def _as_matrices(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [tokens, *in], w [*in, *out] -> x [tokens, in], w [in, out] (row-major views)."""
+    in_size = math.prod(x.shape[1:])
+    return x.reshape(x.shape[0], in_size), w.reshape(in_size, -1)
+
+
+def _linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    x2, w2 = _as_matrices(x, w)
+    return (x2 @ w2).reshape(x.shape[:1] + w.shape[x.ndim - 1:])
+
+
 @jax.custom_vjp
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w for x [tokens, in], w [in, out], with the kernel gradient of `weight_grad`.
+    """x @ w for x [tokens, *in], w [*in, *out] -> [tokens, *out], with the kernel gradient of
+    `weight_grad`.
 
     A frozen w (not differentiated: prompt tuning's backbone) needs only dx = dy w^T, so x is
     then not kept for the backward pass (JAX tells the forward which inputs are perturbed).
+    w is kept as given, not reshaped: under `nn.scan` a residual that is the layer's own
+    weight slice is forwarded, while a reshaped copy would be stacked, a second backbone.
     """
-    return x @ w
+    return _linear(x, w)
 
 
 def _linear_fwd(x, w):
-    return x.value @ w.value, (x.value if w.perturbed else None, w.value)
+    return _linear(x.value, w.value), (x.value if w.perturbed else None, w.value)
 
 
 def _linear_bwd(res, dy):
     x, w = res
     if is_symbolic_zero(dy):
         return None, None
-    return dy @ w.T, (None if x is None else weight_grad(x, dy))
+    in_shape = w.shape[:w.ndim - (dy.ndim - 1)]
+    w2, dy2 = w.reshape(math.prod(in_shape), -1), dy.reshape(dy.shape[0], -1)
+    dx = (dy2 @ w2.T).reshape(dy.shape[:1] + in_shape)
+    return dx, (None if x is None else weight_grad(x.reshape(x.shape[0], -1), dy2).reshape(w.shape))
 
 
 linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
@@ -64,9 +81,14 @@ def use_cpu_weight_grads(setting: str) -> bool:
 
 
 def matmul(x: jax.Array, w: jax.Array, cpu_weight_grads: str = "auto") -> jax.Array:
-    """x @ w for x [tokens, in], w [in, out]: `linear` (hand-written kernel gradient) or plain
-    autodiff, as `use_cpu_weight_grads(cpu_weight_grads)` chooses. Same values and gradients."""
-    return linear(x, w) if use_cpu_weight_grads(cpu_weight_grads) else x @ w
+    """x @ w for x [tokens, *in], w [*in, *out] -> [tokens, *out]: `linear` (hand-written kernel
+    gradient) or plain autodiff of one dot_general over the `in` axes, as
+    `use_cpu_weight_grads(cpu_weight_grads)` chooses. Same values and gradients. The kernel is
+    contracted in its own shape so a frozen one is its own residual (see `linear`)."""
+    if use_cpu_weight_grads(cpu_weight_grads):
+        return linear(x, w)
+    n = x.ndim - 1
+    return jax.lax.dot_general(x, w, ((tuple(range(1, n + 1)), tuple(range(n))), ((), ())))
 
 
 # The variable collection of a decoding step's stacked projection kernels (built once per
@@ -116,10 +138,8 @@ class Projection(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(normal_init(self.init_std), tuple(self.kernel_axes)),
                             shape, dtype_of(self.param_dtype))
         dtype = dtype_of(self.dtype)
-        in_size, out_size = math.prod(in_shape), math.prod(features)
         lead = x.shape[:x.ndim - self.num_input_axes]
-        y = matmul(x.astype(dtype).reshape(-1, in_size), kernel.astype(dtype).reshape(in_size, out_size),
-                   self.cpu_weight_grads)
+        y = matmul(x.astype(dtype).reshape((-1,) + tuple(in_shape)), kernel.astype(dtype), self.cpu_weight_grads)
         return y.reshape(lead + features)
 
 

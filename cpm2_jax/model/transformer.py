@@ -62,7 +62,8 @@ class _Layer(nn.Module):
         return MultiHeadAttention(num_heads=c.num_heads, head_dim=c.head_dim, dropout_rate=c.dropout_rate,
                                   init_std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype,
                                   deterministic=self.deterministic, decode=self.decode,
-                                  is_cross_attention=cross, cpu_weight_grads=c.cpu_weight_grads, name=name)
+                                  is_cross_attention=cross, cpu_weight_grads=c.cpu_weight_grads,
+                                  recompute=c.attention_recompute, name=name)
 
     def _dropout(self, x):
         return nn.Dropout(self.config.dropout_rate)(x, deterministic=self.deterministic)

@@ -10,7 +10,7 @@ import pytest
 from cpm2_jax import losses
 from cpm2_jax.config import get_config
 from cpm2_jax.model import EncoderDecoder
-from cpm2_jax.model.attention import _softmax_values
+from cpm2_jax.model.attention import _softmax_values, dot_product_attention
 from cpm2_jax.model.dense import linear
 from cpm2_jax.model.feedforward import _gated_gelu_2d, gelu, gelu_gate
 from cpm2_jax.model.norm import _rms_norm, rms_norm
@@ -113,3 +113,59 @@ def test_prompt_step_keeps_no_more_with_the_hand_written_vjps_than_with_autodiff
     off, grad_off = residual_bytes("off")
     assert on <= off
     np.testing.assert_allclose(grad_on, grad_off, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_recomputed_attention_keeps_no_weights_and_gives_autodiff_gradients(dtype):
+    """ModelConfig.attention_recompute: the backward keeps q, k, v, the bias and log Z [b, h, q, 1];
+    no [b, h, q, k] array; gradients (bias included) equal autodiff of the softmax."""
+    q, k, v = _normal(2, 5, 3, 4, dtype=dtype), _normal(2, 7, 3, 4, dtype=dtype), _normal(2, 7, 3, 4, dtype=dtype)
+    bias = jnp.broadcast_to(_normal(1, 3, 5, 7) + jnp.where(jnp.arange(7) < 5, 0.0, -1e10), (2, 3, 5, 7))
+    dout = _normal(2, 5, 3, 4, dtype=dtype)
+
+    def ref(q, k, v, b):
+        weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + b, -1)
+        return jnp.sum((jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v) * dout).astype(jnp.float32))
+
+    def recomputed(q, k, v, b):
+        return jnp.sum((dot_product_attention(q, k, v, b, dtype=dtype, recompute=True) * dout).astype(jnp.float32))
+
+    kept = {tuple(x.shape) for x in _residuals(recomputed, q, k, v, bias)}
+    assert (2, 3, 5, 7) not in kept - {tuple(bias.shape)} and (2, 3, 5, 1) in kept
+    assert sum(tuple(x.shape) == (2, 3, 5, 7) for x in _residuals(recomputed, q, k, v, bias)) == 1  # the bias
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    grads = jax.grad(recomputed, argnums=(0, 1, 2, 3))(q, k, v, bias)
+    for s, r in zip(grads, jax.grad(ref, argnums=(0, 1, 2, 3))(q, k, v, bias)):
+        np.testing.assert_allclose(np.asarray(s, np.float32), np.asarray(r, np.float32), **tol)
+
+
+def test_scanned_prompt_step_keeps_no_copy_of_the_frozen_kernels_and_recompute_drops_the_weights():
+    """Under nn.scan a frozen kernel is its layer's own slice, forwarded to the backward pass, not
+    stacked into a second backbone (Projection contracts it in its own shape); with
+    attention_recompute no [layers, b, h, q, k] weights are kept; the prompt gradient agrees."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    prompt = PromptConfig(length=4, init="normal")
+    enc, dec = jnp.full((2, 10), 5, jnp.int32), jnp.full((2, 6), 7, jnp.int32)
+    config = get_config("tiny", vocab_size=64, prompt=prompt, scan_layers=True, init_std=0.05, cpu_weight_grads="off",
+                        num_encoder_layers=2, num_decoder_layers=1)
+    params = nn.unbox(jax.jit(EncoderDecoder(config).init)(jax.random.PRNGKey(0), enc, dec)["params"])
+    kernels = {tuple(x.shape) for x in jax.tree_util.tree_leaves(params) if x.ndim > 2}  # stacked weights
+
+    def stacked_and_grad(recompute):
+        model = EncoderDecoder(config.replace(attention_recompute=recompute))
+
+        def objective(table):
+            logits = model.apply({"params": {**params, "prompt": {"table": table}}}, enc, dec)
+            return losses.weighted_cross_entropy(logits, dec, jnp.ones(dec.shape))[0]
+
+        table = params["prompt"]["table"]
+        made = [tuple(a.shape) for a, source in saved_residuals(objective, table) if "output of scan" in source]
+        return made, jax.jit(jax.grad(objective))(table)
+
+    stored, grad = stacked_and_grad(False)
+    recomputed, grad_recomputed = stacked_and_grad(True)
+    assert not set(stored) & kernels and not set(recomputed) & kernels, kernels  # no stacked weight copies
+    weights = (2, 2, 4, 14, 14)  # [layers, batch, heads, q, k] of the encoder (10 tokens + 4 prompt vectors)
+    assert weights in stored and weights not in recomputed
+    np.testing.assert_allclose(grad_recomputed, grad, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(grad))))
