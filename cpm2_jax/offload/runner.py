@@ -177,13 +177,17 @@ class OffloadRunner:
     """Decoding with the experts of `params` in host memory and `options.device_experts` slots."""
 
     def __init__(self, config: ModelConfig, params: dict, options: OffloadOptions, device=None,
-                 cost: Optional[CostModel] = None):
+                 cost: Optional[CostModel] = None, store: Optional[ExpertStore] = None):
+        """`store`: another runner's host store of the same params (runners side by side share
+        it: one copy of the experts in host memory), else one is built."""
         check_options(config, options)
         self.config, self.options = config, options
         self.device = device or jax.devices()[0]
         self.host = jax.devices("cpu")[0]
         resident, experts = split_experts(config, params)
-        self.store = ExpertStore(config, experts, int8=options.int8, device=self.device)
+        if store is not None and (store.int8 != options.int8 or store.device != self.device):
+            raise ValueError("a shared expert store must have the runner's int8 setting and device")
+        self.store = store or ExpertStore(config, experts, int8=options.int8, device=self.device)
         self.model = SteppedModel(config, jax.device_put(resident, self.device), moe_ffn=self.moe_ffn)
         self.order = self.model.moe_layers()
         # How often each layer has needed each expert (the lfu cache's score, prefetch's guess).
@@ -327,7 +331,7 @@ class OffloadRunner:
                 start = self._now()
                 window = jax.device_put(rows[lo:lo + tile], self.host)
                 y = _packed_apply(window, jax.device_put(self.store.buffers[layer][e], self.host), **kw)
-                out = _add_rows(out, jax.device_put(y, self.device), jnp.int32(lo), jnp.int32(n))
+                out = _add_rows(out, jax.device_put(y, self.device), np.int32(lo), np.int32(n))
                 self._releases.put(("host", keys[e], y, start))
         waited = 0.0
         for e in order:
@@ -336,7 +340,7 @@ class OffloadRunner:
             event.wait()
             waited += time.perf_counter() - t
             n = int(counts[e])
-            out, done = _packed_step(out, routed.rows, jnp.int32(starts[e]), jnp.int32(n), self.slots.get(keys[e]),
+            out, done = _packed_step(out, routed.rows, np.int32(starts[e]), np.int32(n), self.slots.get(keys[e]),
                                      tile=split_moe.bucket(n), **kw)
             self._releases.put(("compute", keys[e], done, self._now()))
         y = split_moe.combine(out, routed, c.dtype).block_until_ready()
@@ -380,7 +384,7 @@ class OffloadRunner:
 
         def device_run(n):
             rows = jnp.zeros((2 * n, c.d_model), jnp.float32)
-            return _packed_step(jnp.zeros_like(rows), rows, jnp.int32(0), jnp.int32(n), buf, tile=n, **kw)[1]
+            return _packed_step(jnp.zeros_like(rows), rows, np.int32(0), np.int32(n), buf, tile=n, **kw)[1]
 
         def host_run(n):
             window = jax.device_put(np.zeros((n, c.d_model), np.float32), self.host)

@@ -98,7 +98,9 @@ def add_rows(out: jax.Array, y: jax.Array, offset, count) -> jax.Array:
     return jax.lax.dynamic_update_slice(out, current + jnp.where(keep, y.astype(out.dtype), 0), (offset, 0))
 
 
+@jax.jit
 def empty_output(routed: RoutedTokens) -> jax.Array:
+    """The zero output rows the experts add into (jitted: one dispatch, not op by op)."""
     return jnp.zeros(routed.rows.shape, jnp.float32)
 
 
@@ -142,5 +144,5 @@ def _expert_step(out, rows, offset, count, weights, *, tile, activation, dtype):
 
 def expert_step(out, rows, offset, count, weights, *, tile: int, activation: str, dtype: str):
     """Jitted `add_expert_output` (the output buffer donated: updated in place)."""
-    return _expert_step(out, rows, jnp.int32(offset), jnp.int32(count), weights, tile=tile,
+    return _expert_step(out, rows, np.int32(offset), np.int32(count), weights, tile=tile,
                         activation=activation, dtype=dtype)

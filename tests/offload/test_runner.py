@@ -33,7 +33,8 @@ def test_layer_output_equals_resident_and_zero_token_experts_stay_home():
     layer = params["encoder"]["layers_1"]["moe"]
     expected = split_moe.moe_resident(c, layer, h)  # the resident model's MoE layer
     block = MoeBlock(config=c, deterministic=True).apply({"params": layer}, h)
-    np.testing.assert_allclose(np.asarray(expected), np.asarray(block), rtol=1e-5, atol=1e-5)
+    scale = float(jnp.abs(block).max())  # float32 summation order: within 1e-6 of the layer's scale
+    np.testing.assert_allclose(np.asarray(expected), np.asarray(block), rtol=1e-5, atol=1e-6 * scale)
     with runner(c, params, device_experts=2, bandwidth=5e8) as r:  # the paced link model
         got = r.moe_ffn("encoder", 1, h)
         counts = np.asarray(split_moe.route(c, layer["router"], h).counts)
