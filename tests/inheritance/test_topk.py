@@ -18,8 +18,8 @@ from cpm2_jax.partitioning import make_mesh
 from cpm2_jax.trainer import Trainer, TrainerConfig
 from tests.train_fixtures import byte_pairs_dataset
 
-STUDENT = get_config("tiny")
-TEACHER = STUDENT.replace(d_model=32, d_ff=64, num_heads=4, head_dim=8, num_encoder_layers=1, num_decoder_layers=1)
+STUDENT = get_config("tiny").replace(num_encoder_layers=1, num_decoder_layers=1)  # small compiled steps
+TEACHER = STUDENT.replace(d_model=32, d_ff=64, num_heads=4, head_dim=8)
 DATA = DatasetConfig("byte_pairs", {"inputs": 24, "targets": 16}, batch_size=4)
 
 
@@ -37,7 +37,7 @@ def test_topk_outputs_with_k_equal_to_the_vocabulary_match_the_in_step_teacher(t
     for cfg in (InheritanceConfig(teacher_checkpoint=str(teacher_dir), inherit_steps=4),
                 InheritanceConfig(teacher_outputs=str(tmp_path / "topk"), inherit_steps=4)):
         trainer = Trainer(STUDENT, TrainerConfig(optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=5)),
-                          make_mesh({"data": 2}), total_steps=10)
+                          make_mesh({"data": 1}), total_steps=10)
         batches = enable_inheritance(trainer, cfg, 10)(byte_pairs_dataset(DATA))
         batch = next(batches)
         assert (set(topk.TOPK_FEATURES) <= set(batch)) == bool(cfg.teacher_outputs)
