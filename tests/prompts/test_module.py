@@ -130,7 +130,8 @@ def test_prompt_with_packed_inputs_is_refused(params):
 
 
 def test_moe_backbone_pads_the_prompted_length_for_the_balanced_router():
-    config = get_config("cpm2_moe_tiny", vocab_size=64, prompt=PromptConfig(length=3, init="normal"))
+    config = get_config("cpm2_moe_tiny", vocab_size=64, prompt=PromptConfig(length=3, init="normal"),
+                        num_encoder_layers=1, num_decoder_layers=1)
     assert padded_length(config, 8 + 3) == 12  # 4 experts: a multiple of 4
     model = EncoderDecoder(config)
     params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), TOKENS, jnp.ones((4, 3), jnp.int32))["params"])

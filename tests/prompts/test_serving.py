@@ -14,7 +14,7 @@ from cpm2_jax.model import EncoderDecoder
 from cpm2_jax.prompts import PromptConfig, files
 
 PROMPT = PromptConfig(length=3, num_tasks=2, placement=("front", "front:1+middle:2"), init="normal")
-BACKBONE = get_config("tiny", vocab_size=64, init_std=0.3)
+BACKBONE = get_config("tiny", vocab_size=64, init_std=0.3, num_encoder_layers=1, num_decoder_layers=1)
 TUNED = BACKBONE.replace(prompt=PROMPT)
 MAX_NEW = 4
 ROWS = [([5, 6, 3, 7, 1], "qa"), ([9, 3, 4, 1], 1), ([12, 13, 14, 1], 0), ([20, 3, 21, 22, 23, 1], "pair")]

@@ -14,7 +14,8 @@ from cpm2_jax.prompts.config import BACKBONE_PATTERN
 from cpm2_jax.trainer import Trainer, TrainerConfig
 
 PROMPT = PromptConfig(length=4, num_tasks=2, placement=("front", "front:1+middle:1+back:2"), init="normal")
-TUNE = get_config("tiny", vocab_size=64, prompt=PROMPT, param_dtype="bfloat16")
+TUNE = get_config("tiny", vocab_size=64, prompt=PROMPT, param_dtype="bfloat16", num_encoder_layers=1,
+                  num_decoder_layers=1)
 ADAM = OptimizerConfig(learning_rate=5e-3, schedule="constant", weight_decay=0.0)
 
 
