@@ -39,12 +39,14 @@ def subset_teacher():
     return teacher, params, config, id_map
 
 
+# a x b c </s>: x is unknown to the teacher; y too. Both tests use these shapes: one compile.
+STUDENT_BATCH = {"encoder_input_tokens": np.array([[6, 4, 8, 5, 1]], np.int32),
+                 "decoder_input_tokens": np.array([[0, 6, 7, 5]], np.int32)}
+
+
 def test_teacher_logits_land_on_student_ids(subset_teacher):
     teacher, params, config, id_map = subset_teacher
-    student_enc = np.array([[6, 4, 8, 5, 1]], np.int32)  # a x b c </s>: x is unknown to the teacher
-    student_dec = np.array([[0, 6, 7, 5]], np.int32)  # y too
-    mapped = np.asarray(teacher.logits(teacher.params, {"encoder_input_tokens": student_enc,
-                                                        "decoder_input_tokens": student_dec}))
+    mapped = np.asarray(teacher.logits(teacher.params, STUDENT_BATCH))
     raw = np.asarray(EncoderDecoder(config).apply({"params": params}, np.array([[4, 2, 5, 6, 1]], np.int32),
                                                   np.array([[0, 4, 2, 6]], np.int32)))
     kept = id_map.old_to_new >= 0
@@ -80,9 +82,8 @@ def test_bfloat16_teacher(subset_teacher):
     half = Teacher(params, config, mesh, rules_for_mesh(mesh.axis_names), student_vocab_size=16, id_map=id_map,
                    dtype="bfloat16")
     assert {x.dtype for x in jax.tree_util.tree_leaves(half.params)} == {jnp.dtype(jnp.bfloat16)}
-    batch = {"encoder_input_tokens": np.array([[6, 8, 1]], np.int32), "decoder_input_tokens": np.array([[0, 6]],
-                                                                                                         np.int32)}
-    full, low = np.asarray(teacher.logits(teacher.params, batch)), np.asarray(half.logits(half.params, batch))
+    full = np.asarray(teacher.logits(teacher.params, STUDENT_BATCH))
+    low = np.asarray(half.logits(half.params, STUDENT_BATCH))
     shared = id_map.shared_mask(16)
     assert low.dtype == np.float32
     np.testing.assert_allclose(low[..., shared], full[..., shared], rtol=0.05, atol=0.05)
