@@ -13,6 +13,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8"
                       " --xla_cpu_collective_timeout_seconds=900")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Cheap compilation for the whole test session: the suite is compile-bound (tiny models, a
+# few steps each), and XLA:CPU's LLVM optimisation is most of a compile (-40% CPU on the MoE
+# tests). This is jax's own switch (LLVM -O0, no expensive passes; the HLO passes, hence
+# sharding, fusion and buffer assignment, are unchanged). Set through the environment so
+# every `cpm2`/`python -m cpm2_jax.*` subprocess a test spawns inherits it; benchmarks and
+# user runs never see it.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 # One persistent JAX compilation cache per test session: a fresh directory (never the user's
 # cache), made by the xdist controller (or a plain run) and inherited through the environment
@@ -41,3 +48,29 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"../shared/data not found at {SHARED_DATA}; CI lays it beside the clone")
     return SHARED_DATA
+
+
+# `make test` runs `-n 2 --dist loadfile`: a whole file goes to one worker, and the run ends
+# when the last file does. xdist's default hands out files by number of tests (most first),
+# which leaves heavy files with few tests (subprocess runs, compiled models) for the end;
+# longest-first is what balances two workers. The heaviest files of a measured full run
+# (per-file seconds in CI's junit report), heaviest first; every other file keeps its order.
+HEAVY_FIRST = (
+    "tests/moe/test_layer.py", "tests/test_decoding.py", "tests/test_trainer.py", "tests/inheritance/test_teacher.py",
+    "tests/test_checkpoint_chain.py", "tests/test_notebooks.py", "tests/moe/test_training.py", "tests/test_eval.py",
+    "tests/inheritance/test_stages.py", "tests/checkpoints/test_integrity.py", "tests/offload/test_stepped.py",
+    "tests/moe/test_assignment.py", "tests/moe/test_upcycle.py", "tests/test_train.py",
+    "tests/model/test_transformer.py", "tests/test_distributed.py", "tests/prompts/test_module.py",
+    "tests/test_checkpoints.py", "tests/convert/test_cpm2_release.py", "tests/moe/test_grouped_matmul.py",
+    "tests/offload/test_runner.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # xdist: keep the collection order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: files stay whole
