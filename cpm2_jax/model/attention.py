@@ -110,7 +110,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     logits = _attention_logits(q, k, bias)
     if dropout is None:
         return _softmax_values(logits, v, jnp.dtype(dtype))
-    weights = dropout(jax.nn.softmax(logits + bias, axis=-1))
+    weights = dropout(jax.nn.softmax(logits, axis=-1))  # logits include the bias
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v)
 
 

@@ -58,6 +58,20 @@ def test_attention_is_unscaled():
     np.testing.assert_allclose(np.asarray(out), np.einsum("bhqk,bkhd->bqhd", w, v), rtol=1e-5, atol=1e-6)
 
 
+def test_dropout_and_recompute_paths_add_the_bias_once():
+    """With a dropout that keeps everything, and with recomputed weights, attention equals the
+    plain path: a numpy softmax(q k^T + bias) v (the dropout path once added the bias twice)."""
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 3, 2, 4)), jnp.float32) for _ in range(3))
+    bias = jnp.asarray(rng.normal(size=(1, 2, 3, 3)), jnp.float32)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) + np.asarray(bias)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), v)
+    for out in (dot_product_attention(q, k, v, bias, dropout=lambda x: x),
+                dot_product_attention(q, k, v, bias, recompute=True)):
+        np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-6)
+
+
 def test_single_query_attention_equals_dot_product_attention():
     """The decoding step's block-diagonal form gives the two-matmul result, masked keys included."""
     rng = np.random.default_rng(1)
