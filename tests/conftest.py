@@ -74,3 +74,26 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: files stay whole
+
+
+@pytest.fixture(autouse=True)
+def _restore_task_settings():
+    """Each test starts from the process's task settings (data dir, vocabulary, per-dataset dirs,
+    malformed-line policy): an in-process `cpm2` run configures them through gin, and without
+    this they leaked into later tests of the same xdist worker (a 51,968-id vocabulary from
+    tests/inheritance/test_stages.py reached tests/test_train.py and tests/prompts/test_eval.py)."""
+    import sys
+
+    settings = sys.modules.get("cpm2_jax.tasks.settings")
+    before = (dict(settings._overrides), dict(settings._task_dirs)) if settings else None
+    yield
+    settings = sys.modules.get("cpm2_jax.tasks.settings")
+    if settings is None:
+        return
+    overrides, task_dirs = before or ({key: None for key in settings._overrides}, {})
+    if overrides != settings._overrides or task_dirs != settings._task_dirs:
+        settings._overrides.clear()
+        settings._overrides.update(overrides)
+        settings._task_dirs.clear()
+        settings._task_dirs.update(task_dirs)
+        settings._vocabulary_at.cache_clear()
