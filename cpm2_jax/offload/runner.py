@@ -1,7 +1,7 @@
 """The InfMoE runner: an MoE model decoded with its experts in host memory and at most K of
 them on the device, loads overlapped with expert computation (CPM2_FACTS "InfMoE").
 
-Per MoE layer (`OffloadRunner.moe_ffn`, called by the layer-stepped model between layers):
+Per MoE layer (`OffloadRunner.moe_rows`, called by the layer-stepped model between layers):
 route on the device, read the token counts, order the experts with tokens (`schedule`:
 InfMoE, or in order as the public release), then a transfer thread moves the missing experts
 over the link in that order (each into a free slot, waiting for one when all K are in use)
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import queue
 import threading
 import time
@@ -55,6 +56,10 @@ class OffloadOptions:
     int8: bool = False
     bandwidth: Optional[float] = None  # bytes/s of the modelled link (None: the real one)
     host_compute: bool = False  # run cold experts with few tokens on the host
+    # CPU cores the transfer thread runs on (paced link on the CPU: the link's own core, apart
+    # from the one the computation runs on, as a DMA engine is apart from the compute units;
+    # None: wherever the process runs)
+    link_cores: Optional[tuple] = None
 
 
 @dataclasses.dataclass
@@ -177,9 +182,12 @@ class OffloadRunner:
     """Decoding with the experts of `params` in host memory and `options.device_experts` slots."""
 
     def __init__(self, config: ModelConfig, params: dict, options: OffloadOptions, device=None,
-                 cost: Optional[CostModel] = None, store: Optional[ExpertStore] = None):
+                 cost: Optional[CostModel] = None, store: Optional[ExpertStore] = None, all_resident: bool = False):
         """`store`: another runner's host store of the same params (runners side by side share
-        it: one copy of the experts in host memory), else one is built."""
+        it: one copy of the experts in host memory), else one is built. `all_resident`: every
+        expert of every layer put on the device once, outside the K slots and the link (the
+        ceiling the benchmarks compare with: this runner's own code path, precision and int8
+        dequantisation, with no transfer at all)."""
         check_options(config, options)
         self.config, self.options = config, options
         self.device = device or jax.devices()[0]
@@ -188,12 +196,18 @@ class OffloadRunner:
         if store is not None and (store.int8 != options.int8 or store.device != self.device):
             raise ValueError("a shared expert store must have the runner's int8 setting and device")
         self.store = store or ExpertStore(config, experts, int8=options.int8, device=self.device)
-        self.model = SteppedModel(config, jax.device_put(resident, self.device), moe_ffn=self.moe_ffn)
+        self.model = SteppedModel(config, jax.device_put(resident, self.device), moe_rows=self.moe_rows)
         self.order = self.model.moe_layers()
         # How often each layer has needed each expert (the lfu cache's score, prefetch's guess).
         self.frequency = {key: np.zeros(config.num_experts, np.int64) for key in self.order}
         score = (lambda key: int(self.frequency[key[:2]][key[2]])) if options.cache == "lfu" else None
-        self.slots = DeviceSlots(options.device_experts, score=score)
+        self.all_resident = all_resident
+        self.slots = DeviceSlots(len(self.order) * config.num_experts if all_resident else options.device_experts,
+                                 score=score)
+        for key in self.order if all_resident else ():
+            for e, buf in enumerate(self.store.buffers[key]):
+                self.slots.reserve(key + (e,))
+                self.slots.fill(key + (e,), jax.device_put(buf, self.device))
         self.link = Link(self.device, options.bandwidth)
         self.stats = Stats()
         self._prefetched: set = set()
@@ -211,6 +225,8 @@ class OffloadRunner:
         return time.perf_counter() - self._t0
 
     def _transfer_loop(self):
+        if self.options.link_cores:  # this thread only (Linux: pid 0 = the calling thread)
+            os.sched_setaffinity(0, self.options.link_cores)
         while True:
             item = self._transfers.get()
             if item is None:
@@ -256,7 +272,7 @@ class OffloadRunner:
             done.block_until_ready()
             end = self._now()
             if kind == "compute":
-                self.slots.unpin(key, keep=self.options.cache != "none")
+                self.slots.unpin(key, keep=self.options.cache != "none" or self.all_resident)
             with self._lock:
                 self.stats.timeline.append((kind, key, start, end))
 
@@ -293,11 +309,18 @@ class OffloadRunner:
                 self._transfers.put((key, True, time.perf_counter()))
 
     def moe_ffn(self, stack: str, index: int, h: jax.Array) -> jax.Array:
+        """One MoE layer's output for its FFN input h [B, L, d]: route, the experts, combine."""
+        routed = split_moe.route(self.config, self.model.moe_params(stack, index)["router"], h)
+        out = self.moe_rows(stack, index, routed, split_moe.empty_output(routed))
+        return split_moe.combine(out, routed, self.config.dtype).block_until_ready()
+
+    def moe_rows(self, stack: str, index: int, routed: split_moe.RoutedTokens, out: jax.Array) -> jax.Array:
+        """The experts' output rows of one routed MoE layer (the layer-stepped model's `moe_rows`):
+        the token counts read once, the experts loaded and computed in the schedule's order."""
         c, opts = self.config, self.options
-        begin = time.perf_counter()
         layer = (stack, index)
-        routed = split_moe.route(c, self.model.moe_params(stack, index)["router"], h)
-        counts = np.asarray(routed.counts)
+        counts = np.asarray(routed.counts)  # the one wait for the device before the experts
+        begin = time.perf_counter()  # the lower bound's span: the experts, from their counts on
         active = [e for e in range(c.num_experts) if counts[e] > 0]
         keys = {e: layer + (e,) for e in active}
         for e in active:
@@ -320,7 +343,6 @@ class OffloadRunner:
         self.frequency[layer][active] += 1
         if opts.prefetch:
             self._prefetch(stack, index, wanted=len(active))
-        out = split_moe.empty_output(routed)
         starts = split_moe.offsets(counts)
         kw = dict(activation=c.ffn_activation, dtype=c.dtype, layout=self.store.layout)
         if host:  # first: they need no load, so they hide the first one
@@ -343,7 +365,7 @@ class OffloadRunner:
             out, done = _packed_step(out, routed.rows, np.int32(starts[e]), np.int32(n), self.slots.get(keys[e]),
                                      tile=split_moe.bucket(n), **kw)
             self._releases.put(("compute", keys[e], done, self._now()))
-        y = split_moe.combine(out, routed, c.dtype).block_until_ready()
+        out.block_until_ready()
         elapsed = time.perf_counter() - begin
         streamed = len(device) - len(cached)
         with self._lock:
@@ -365,7 +387,7 @@ class OffloadRunner:
             st.layers += 1
             st.lower_bound += max(sum(compute[e] for e in device) + sum(self.cost.host(int(counts[e])) for e in host),
                                   streamed * self.cost.load)
-        return y
+        return out
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, reps: int = 3) -> CostModel:
@@ -422,7 +444,9 @@ class OffloadRunner:
 
     def empty_slots(self) -> None:
         """Waits for queued transfers (prefetches) to land, then empties every slot (a cold start;
-        the routing frequencies are kept)."""
+        the routing frequencies are kept). All-resident: nothing to empty."""
         self._transfers.join()
+        if self.all_resident:
+            return
         self.slots.clear()
         self._prefetched.clear()

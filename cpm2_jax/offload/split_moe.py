@@ -123,17 +123,22 @@ def offsets(counts) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
 
 
-def moe_resident(config: ModelConfig, moe_params: dict, x: jax.Array) -> jax.Array:
-    """The whole split path with every expert's weights at hand (the reference the runner is
-    tested against, and the layer-stepped model's MoE FFN when nothing is offloaded)."""
-    routed = route(config, moe_params["router"], x)
+def resident_rows(config: ModelConfig, moe_params: dict, routed: RoutedTokens, out: jax.Array) -> jax.Array:
+    """Every expert with tokens added into the output rows `out`, its weights sliced from the
+    block's stacked parameters (the layer-stepped model's experts when nothing is offloaded)."""
     counts = np.asarray(routed.counts)
-    out = empty_output(routed)
     for e, (start, n) in enumerate(zip(offsets(counts), counts)):
         if n:
             out = expert_step(out, routed.rows, start, n, expert_weights(moe_params["experts"], e),
                               tile=bucket(int(n)), activation=config.ffn_activation, dtype=config.dtype)
-    return combine(out, routed, config.dtype)
+    return out
+
+
+def moe_resident(config: ModelConfig, moe_params: dict, x: jax.Array) -> jax.Array:
+    """The whole split path with every expert's weights at hand (the reference the runner is
+    tested against)."""
+    routed = route(config, moe_params["router"], x)
+    return combine(resident_rows(config, moe_params, routed, empty_output(routed)), routed, config.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("tile", "activation", "dtype"), donate_argnums=(0,))

@@ -2,12 +2,19 @@
 layers (move expert weights, schedule, cache) while everything else stays as `decoding.py` has it.
 
 Each piece is one jitted function reused by every layer of its kind: a dense layer is the
-model's own `EncoderLayer` / `DecoderLayer`; an MoE layer is its attention part (the same
-submodules), then `moe_ffn(stack, index, h)` - the split MoE block (offload.split_moe) with
-the experts at hand, or a runner streaming them - then the residual. Relative-position bias,
-masks and the KV cache are built as in `model.transformer` / `decoding.init_cache`.
+model's own `EncoderLayer` / `DecoderLayer`; an MoE layer is one call for its attention part
+(the same submodules), the MoE input and the routing (split_moe.route), then
+`moe_rows(stack, index, routed, out)` - the experts with the weights at hand, or a runner
+streaming them - then one call for the combine and the residual. Relative-position bias, masks
+and the KV cache are built as in `model.transformer` / `decoding.init_cache`.
 
-Greedy decoding is a host loop with decoding.py's per-step choice (one jitted call a step).
+Per decoding step the host issues one call for the embedding and the step's bias, two per MoE
+layer (plus one per expert with tokens), one per dense layer and one for the head with
+decoding.py's greedy choice; it waits for the device twice per MoE layer (the token counts,
+which the schedule needs; the experts' end) and once for the step's end flag. Fewer calls and
+waits are what a host-stepped decoder costs: each is ~0.1 ms of dispatch on the CPU.
+
+Greedy decoding is a host loop with decoding.py's per-step choice.
 Beam search reuses `decoding.py`'s loop: under `jax.disable_jit()` its `lax.while_loop` runs
 as a Python loop and each step re-enables jit for the layers, so the beam bookkeeping (scores,
 finished beams, length penalty) is decoding.py's own, token for token (slow: its bookkeeping
@@ -31,7 +38,8 @@ from cpm2_jax.model.transformer import DecoderLayer, EncoderLayer, _Layer
 from cpm2_jax.offload import split_moe
 
 STACKS = ("encoder", "decoder")
-MoeFfn = Callable[[str, int, jax.Array], jax.Array]  # (stack, layer, FFN input h [B, L, d]) -> y
+# (stack, layer, routed tokens, zero output rows) -> the experts' output rows (split_moe.RoutedTokens)
+MoeRows = Callable[[str, int, split_moe.RoutedTokens, jax.Array], jax.Array]
 
 
 class _EncoderAttention(_Layer):
@@ -83,9 +91,29 @@ def _shape_cache(module: nn.Module, params, x, encoded):
     return cache
 
 
-@jax.jit
-def _residual(x, y):
-    return x + y.astype(x.dtype)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _encoder_moe_in(attention: nn.Module, moe_input: nn.Module, params, x, bias):
+    """An encoder MoE layer up to its experts: (x after attention, routed tokens, zero output rows)."""
+    x = attention.apply({"params": params}, x, bias)
+    return (x, *_route(moe_input, params, x))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _decoder_moe_in(attention: nn.Module, moe_input: nn.Module, params, cache, x, *args):
+    """A decoder MoE layer up to its experts: (x after attention, cache, routed tokens, zero rows)."""
+    x, variables = attention.apply({"params": params, "cache": cache}, x, *args, mutable=["cache"])
+    return (x, variables["cache"], *_route(moe_input, params, x))
+
+
+def _route(moe_input: nn.Module, params, x):
+    routed = split_moe.route(moe_input.config, params["moe"]["router"], moe_input.apply({"params": params}, x))
+    return routed, jnp.zeros(routed.rows.shape, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _moe_out(dtype: str, x, out, routed):
+    """x + the MoE block's output (the experts' rows combined per token)."""
+    return x + split_moe.combine(out, routed, dtype).astype(x.dtype)
 
 
 def _layer_tree(stack_tree: dict, index: int, scanned: bool) -> dict:
@@ -97,15 +125,15 @@ def _layer_tree(stack_tree: dict, index: int, scanned: bool) -> dict:
 class SteppedModel:
     """`EncoderDecoder` at inference, one jitted call per layer piece (see module docstring).
 
-    `moe_ffn` runs the MoE layers' expert part; by default the split block with every expert's
-    weights taken from `params` (nothing offloaded). The non-expert weights stay as given.
+    `moe_rows` runs the MoE layers' experts; by default with every expert's weights taken from
+    `params` (nothing offloaded). The non-expert weights stay as given.
     """
 
-    def __init__(self, config: ModelConfig, params: dict, moe_ffn: Optional[MoeFfn] = None):
+    def __init__(self, config: ModelConfig, params: dict, moe_rows: Optional[MoeRows] = None):
         self.config = c = config
         params = nn.meta.unbox(params)
         self.params = params
-        self.moe_ffn = moe_ffn or self.resident_moe_ffn
+        self.moe_rows = moe_rows or self.resident_moe_rows
         scanned = c.scan_layers
         self.layers = {s: [_layer_tree(params[s], i, scanned) for i in range(self.num_layers(s))] for s in STACKS}
         kw = dict(config=c, deterministic=True)
@@ -138,13 +166,11 @@ class SteppedModel:
     def moe_params(self, stack: str, index: int) -> dict:
         return self.layers[stack][index]["moe"]
 
-    def resident_moe_ffn(self, stack: str, index: int, h: jax.Array) -> jax.Array:
-        return split_moe.moe_resident(self.config, self.moe_params(stack, index), h)
+    def resident_moe_rows(self, stack: str, index: int, routed, out) -> jax.Array:
+        return split_moe.resident_rows(self.config, self.moe_params(stack, index), routed, out)
 
-    def _ffn(self, stack: str, index: int, x: jax.Array) -> jax.Array:
-        p = self.layers[stack][index]
-        h = _apply(self._moe_input, p, x)
-        return _residual(x, self.moe_ffn(stack, index, h))
+    def _experts(self, stack: str, index: int, x, routed, out) -> jax.Array:
+        return _moe_out(self.config.dtype, x, self.moe_rows(stack, index, routed, out), routed)
 
     # ------------------------------------------------------------------ encoder
     def encode(self, encoder_input_tokens) -> jax.Array:
@@ -156,7 +182,7 @@ class SteppedModel:
         bias = _encoder_bias(self._relpos[True], p["encoder"]["relpos_bias"], valid, length)
         for i, lp in enumerate(self.layers["encoder"]):
             if self.is_moe("encoder", i):
-                x = self._ffn("encoder", i, _apply(self._enc_attention, lp, x, bias))
+                x = self._experts("encoder", i, *_encoder_moe_in(self._enc_attention, self._moe_input, lp, x, bias))
             else:
                 x = _apply(self._enc_layer, lp, x, bias)
         return _apply(self._norm, p["encoder"]["encoder_norm"], x)
@@ -172,26 +198,35 @@ class SteppedModel:
         cross = mask_to_bias(attention_mask(None, tokens > 0))
         return {"layers": layers, "index": jnp.zeros((), jnp.int32), "encoded": encoded, "cross_bias": cross}
 
-    def step(self, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
-        """(tokens [n], state) -> (float32 logits [n, vocab], state): one decoder position."""
+    def _decoder(self, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+        """(tokens [n], state) -> (the last layer's output [n, 1, d], state): one decoder position."""
         p = self.params
         index = state["index"]
         max_length = state["layers"][0]["self_attention"]["cached_key"].shape[1]
-        x = _apply(self._embed, p["token_embedder"], jnp.asarray(tokens, jnp.int32)[:, None])
-        self_bias = _step_bias(self._relpos[False], p["decoder"]["relpos_bias"], index, max_length)
+        x, self_bias = _step_input(self._embed, self._relpos[False], max_length, p["token_embedder"],
+                                   p["decoder"]["relpos_bias"], jnp.asarray(tokens, jnp.int32), index)
         enc, cross = state["encoded"], state["cross_bias"]
         caches = []
         for i, (lp, cache) in enumerate(zip(self.layers["decoder"], state["layers"])):
             if self.is_moe("decoder", i):
-                x, cache = _apply_cached(self._dec_attention, lp, cache, x, enc, self_bias, cross, index)
-                x = self._ffn("decoder", i, x)
+                x, cache, routed, out = _decoder_moe_in(self._dec_attention, self._moe_input, lp, cache, x, enc,
+                                                        self_bias, cross, index)
+                x = self._experts("decoder", i, x, routed, out)
             else:
                 x, cache = _apply_cached(self._dec_layer, lp, cache, x, enc, self_bias, cross, index)
             caches.append(cache)
-        dec = p["decoder"]
-        logits = _head(self.config, self._norm, self._logits, self._embed, dec["decoder_norm"],
-                       dec.get("logits_dense"), p["token_embedder"], x)
-        return logits, {**state, "layers": caches, "index": index + 1}
+        return x, {**state, "layers": caches, "index": index + 1}
+
+    def _head_args(self) -> tuple:
+        p, dec = self.params, self.params["decoder"]
+        return (self.config, self._norm, self._logits, self._embed), (dec["decoder_norm"], dec.get("logits_dense"),
+                                                                     p["token_embedder"])
+
+    def step(self, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+        """(tokens [n], state) -> (float32 logits [n, vocab], state): one decoder position."""
+        x, state = self._decoder(tokens, state)
+        modules, params = self._head_args()
+        return _head(*modules, *params, x), state
 
     # ------------------------------------------------------------------ decoding (decoding.py's loops)
     def greedy(self, encoder_input_tokens, *, max_new_tokens: int, min_new_tokens: int = 0,
@@ -204,11 +239,13 @@ class SteppedModel:
         current = jnp.full((batch,), decoding.DECODER_START_ID, jnp.int32)
         done, score = jnp.zeros((batch,), jnp.bool_), jnp.zeros((batch,), jnp.float32)
         out = []
+        modules, head = self._head_args()
         for i in range(max_new_tokens):
-            logits, state = self.step(current, state)
-            current, done, score = _greedy_choice(logits, done, score, jnp.int32(i), min_new_tokens, eos_id)
+            x, state = self._decoder(current, state)
+            current, done, score, ended = _head_choice(*modules, min_new_tokens, eos_id, *head, x, done, score,
+                                                       jnp.int32(i))
             out.append(current)
-            if bool(done.all()):
+            if i >= min_new_tokens and bool(ended):  # no row ends before min_new_tokens: no wait until then
                 break
         out += [jnp.zeros((batch,), jnp.int32)] * (max_new_tokens - len(out))
         result = jnp.stack(out, axis=1)
@@ -243,6 +280,22 @@ def _greedy_choice(logits, done, score, i, min_new_tokens: int, eos_id: int):
     chosen = jnp.where(done, decoding.PAD_ID, decoding.argmax(logits).astype(jnp.int32))
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), chosen[:, None], axis=-1)[:, 0]
     return chosen, jnp.logical_or(done, chosen == eos_id), score + jnp.where(done, 0.0, logp)
+
+
+@functools.partial(jax.jit, static_argnums=tuple(range(6)))
+def _head_choice(config, norm, logits, embed, min_new_tokens: int, eos_id: int, norm_params, logits_params,
+                 embed_params, x, done, score, i):
+    """The head and the greedy choice in one call: (chosen, done, score, every row done)."""
+    out = _head(config, norm, logits, embed, norm_params, logits_params, embed_params, x)
+    chosen, done, score = _greedy_choice(out, done, score, i, min_new_tokens, eos_id)
+    return chosen, done, score, done.all()
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _step_input(embed: nn.Module, relpos: nn.Module, max_length: int, embed_params, table, tokens, index):
+    """The step's token embeddings [n, 1, d] and self-attention bias (one call)."""
+    x = embed.apply({"params": embed_params}, tokens[:, None])
+    return x, _step_bias(relpos, table, index, max_length)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

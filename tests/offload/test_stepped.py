@@ -1,6 +1,7 @@
 """The layer-stepped model decodes exactly as decoding.py (greedy and beam; dense and MoE
 layers mixed; scanned layers); an MoE model's greedy tokens through decoding.py are its
 teacher-forced argmax."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -45,7 +46,7 @@ def test_moe_greedy_tokens_are_the_teacher_forced_argmax():
     out = decoding.greedy(params, enc, config=c, max_new_tokens=MAX_NEW)
     tokens = np.asarray(out.tokens)
     dec_in = np.concatenate([np.zeros((tokens.shape[0], 1), np.int32), tokens[:, :-1]], axis=1)
-    logits = EncoderDecoder(c).apply({"params": params}, jnp.asarray(enc), jnp.asarray(dec_in))
+    logits = jax.jit(EncoderDecoder(c).apply)({"params": params}, jnp.asarray(enc), jnp.asarray(dec_in))
     argmax = np.asarray(jnp.argmax(logits, axis=-1))
     for row, n in zip(range(tokens.shape[0]), np.asarray(out.lengths)):
         np.testing.assert_array_equal(tokens[row, :n], argmax[row, :n])
