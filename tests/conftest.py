@@ -2,6 +2,7 @@
 
 XLA_FLAGS must be set before jax is imported anywhere, which is why it lives here.
 """
+import json
 import os
 import pathlib
 
@@ -53,17 +54,10 @@ def shared_data() -> pathlib.Path:
 # `make test` runs `-n 2 --dist loadfile`: a whole file goes to one worker, and the run ends
 # when the last file does. xdist's default hands out files by number of tests (most first),
 # which leaves heavy files with few tests (subprocess runs, compiled models) for the end;
-# longest-first is what balances two workers. The heaviest files of a measured full run
-# (per-file seconds in CI's junit report), heaviest first; every other file keeps its order.
-HEAVY_FIRST = (
-    "tests/moe/test_layer.py", "tests/test_decoding.py", "tests/test_trainer.py", "tests/inheritance/test_teacher.py",
-    "tests/test_checkpoint_chain.py", "tests/test_notebooks.py", "tests/moe/test_training.py", "tests/test_eval.py",
-    "tests/inheritance/test_stages.py", "tests/checkpoints/test_integrity.py", "tests/offload/test_stepped.py",
-    "tests/moe/test_assignment.py", "tests/moe/test_upcycle.py", "tests/test_train.py",
-    "tests/model/test_transformer.py", "tests/test_distributed.py", "tests/prompts/test_module.py",
-    "tests/test_checkpoints.py", "tests/convert/test_cpm2_release.py", "tests/moe/test_grouped_matmul.py",
-    "tests/offload/test_runner.py",
-)
+# longest-first is what balances two workers. tests/durations.json holds each file's seconds in
+# a measured full run (regenerate it with tests/update_durations.py from the run's junit
+# report); files it does not list keep their order after the listed ones.
+DURATIONS = json.loads((REPO / "tests" / "durations.json").read_text())
 
 
 def pytest_configure(config):
@@ -72,8 +66,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: files stay whole
+    items.sort(key=lambda item: -DURATIONS.get(item.nodeid.split("::")[0], 0.0))  # stable: files stay whole
 
 
 @pytest.fixture(autouse=True)
