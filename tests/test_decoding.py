@@ -64,12 +64,22 @@ def hf_pair():
 
 @pytest.fixture(scope="module")
 def inputs():
-    """Five rows with different amounts of right padding (one unpadded)."""
+    """Five rows with different amounts of right padding (one unpadded), then the first three
+    again: 8 rows, so the batch splits over data=2 and every test shares one batch shape."""
     rng = np.random.RandomState(0)
     enc = rng.randint(2, CONFIG.vocab_size, size=(5, 9)).astype(np.int32)
     for row, length in enumerate((9, 6, 3, 7, 5)):
         enc[row, length:] = 0
-    return enc
+    return np.concatenate([enc, enc[:3]])
+
+
+@pytest.fixture(scope="module")
+def one_device(hf_pair, inputs):
+    """Greedy (MAX_NEW) and 2-beam search (8 new tokens) on one device: each compiled once and
+    shared by the tests that compare against them."""
+    _, params = hf_pair
+    return (decoding.greedy(params, inputs, config=CONFIG, max_new_tokens=MAX_NEW),
+            decoding.beam_search(params, inputs, config=CONFIG, num_beams=2, max_new_tokens=8))
 
 
 def hf_generate(hf, enc, **kwargs):
@@ -99,12 +109,13 @@ def _teacher_forced(scan: bool):
 
 @pytest.mark.parametrize("scan,stack", [(False, True), (True, True), (False, False)])
 def test_cached_steps_equal_teacher_forced_logits(scan, stack):
-    """Cached steps (with the stacked qkv / wi kernels of `decode_weights`, CPU's default, or
-    the per-projection kernels) give the logits of one full forward pass."""
+    """Cached steps (with the stacked qkv / wi kernels of `decode_weights` and the per-head
+    encoder keys/values of `cross_attention_layouts`, CPU's default, or the per-projection
+    kernels) give the logits of one full forward pass."""
     config, params, enc, dec, full, encoded = _teacher_forced(scan)
     cache = jax.jit(decoding.init_cache, static_argnums=(0, 4))(config, params, encoded, enc, dec.shape[1])
-    step = jax.jit(lambda p, e, tokens, cache: decoding.make_step(config, p, e, enc, stack_weights=stack)(
-        tokens, cache))
+    step = jax.jit(lambda p, e, tokens, cache: decoding.make_step(config, p, e, enc, stack_weights=stack,
+                                                                  cache=cache)(tokens, cache))
     steps = []
     for t in range(dec.shape[1]):  # one compiled step, called once per position
         logits, cache = step(params, encoded, dec[:, t], cache)
@@ -123,9 +134,9 @@ def test_cached_steps_equal_teacher_forced_logits(scan, stack):
 # Greedy and beam search against transformers
 # ---------------------------------------------------------------------------------------------
 
-def test_greedy_matches_hf_and_is_argmax_of_rescoring(hf_pair, inputs):
+def test_greedy_matches_hf_and_is_argmax_of_rescoring(hf_pair, inputs, one_device):
     hf, params = hf_pair
-    out = decoding.greedy(params, inputs, config=CONFIG, max_new_tokens=MAX_NEW)
+    out = one_device[0]
     ours = np.asarray(out.tokens)
     ref = hf_generate(hf, inputs).numpy()[:, 1:]
     assert [_strip(r) for r in ours] == [_strip(r) for r in ref]
@@ -164,14 +175,14 @@ def test_beam_search_matches_hf(hf_pair, inputs, early_stopping, length_penalty,
     assert len({len(_strip(b)) for b in ours.reshape(-1, ours.shape[-1])}) > 2  # EOS at varied lengths
 
 
-def test_scanned_layers_decode_the_same(hf_pair, inputs):
+def test_scanned_layers_decode_the_same(hf_pair, inputs, one_device):
     from cpm2_jax.convert.hf_mt5 import params_from_hf_state_dict
 
     hf, params = hf_pair
     scanned = CONFIG.replace(scan_layers=True)
     scanned_params = params_from_hf_state_dict(hf.state_dict(), scanned)
     # Beam search is the harder case: the scanned cache ([layers, batch, ...]) is reordered every step.
-    a = decoding.beam_search(params, inputs, config=CONFIG, num_beams=2, max_new_tokens=8)
+    a = one_device[1]
     b = decoding.beam_search(scanned_params, inputs, config=scanned, num_beams=2, max_new_tokens=8)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-4)
@@ -202,7 +213,7 @@ def test_top_p_filter_hand_case():
     np.testing.assert_array_equal(decoding.top_p_filter(logits, 1.0), logits)
 
 
-def test_sampling_is_deterministic_per_key_and_top_k_1_is_greedy(hf_pair, inputs):
+def test_sampling_is_deterministic_per_key_and_top_k_1_is_greedy(hf_pair, inputs, one_device):
     _, params = hf_pair
     kw = dict(config=CONFIG, max_new_tokens=MAX_NEW, temperature=1.3, top_p=0.95)
     a = decoding.sample(params, inputs, jax.random.PRNGKey(1), **kw)
@@ -217,7 +228,7 @@ def test_sampling_is_deterministic_per_key_and_top_k_1_is_greedy(hf_pair, inputs
     assert len(clean) >= 3
     rescored = decoding.score(params, inputs, tokens, config=CONFIG)[1]
     np.testing.assert_allclose(np.asarray(rescored)[clean], np.asarray(a.scores)[clean], rtol=1e-5, atol=1e-5)
-    greedy = decoding.greedy(params, inputs, config=CONFIG, max_new_tokens=MAX_NEW)
+    greedy = one_device[0]
     top1 = decoding.sample(params, inputs, jax.random.PRNGKey(3), config=CONFIG, max_new_tokens=MAX_NEW, top_k=1)
     np.testing.assert_array_equal(top1.tokens, greedy.tokens)
 
@@ -235,7 +246,7 @@ def test_length_penalties():
 # Under a mesh
 # ---------------------------------------------------------------------------------------------
 
-def test_decoding_with_sharded_params_equals_one_device(hf_pair, inputs):
+def test_decoding_with_sharded_params_equals_one_device(hf_pair, inputs, one_device):
     """Parameters split by the partition rules over data=2, model=4 (8 fake CPU devices): greedy
     and beam search give the one-device tokens and scores; the KV cache follows the params."""
     import flax.linen as nn
@@ -245,13 +256,12 @@ def test_decoding_with_sharded_params_equals_one_device(hf_pair, inputs):
     _, params = hf_pair
     mesh = cpu_test_mesh(data=2, model=4)
     rules = rules_for_mesh(mesh.axis_names)
-    enc = np.concatenate([inputs, inputs[:3]])  # 8 rows: the batch splits over data
+    enc = inputs  # 8 rows: the batch splits over data
     abstract = jax.eval_shape(lambda: EncoderDecoder(CONFIG).init(jax.random.PRNGKey(0), enc[:, :2], enc[:, :2]))
     shardings = shardings_for(abstract, mesh, rules)["params"]
     sharded = jax.device_put(params, shardings)
     assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(shardings))
-    want_greedy = decoding.greedy(params, enc, config=CONFIG, max_new_tokens=MAX_NEW)
-    want_beam = decoding.beam_search(params, enc, config=CONFIG, num_beams=2, max_new_tokens=8)
+    want_greedy, want_beam = one_device
     with mesh_context(mesh), nn.logical_axis_rules(rules):
         tokens = jax.device_put(enc, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
         got_greedy = decoding.greedy(sharded, tokens, config=CONFIG, max_new_tokens=MAX_NEW)
