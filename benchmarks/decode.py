@@ -20,7 +20,11 @@ both layouts, best call; timed in the same rounds as the decoders), those bytes 
 
 with step_time = median time of one whole `greedy` call (encoder included) / NEW_TOKENS. The
 fraction depends on neither PyTorch nor the machine's load (both times are measured in the
-same rounds). Prints one JSON object last and writes it to benchmarks/results/decode.json.
+same rounds). Beside it, what bounds it: the best read bandwidth of the same batch-1 products
+over the decoder's own 0.8-4 MB step matrices (`decoder_matvec_bandwidth_gb_per_s`, a jitted
+chain of them, timed in the same rounds) and the step time the weights alone would take at the
+two rates (`matvec_bound_step_s`). Prints one JSON object last and writes it to
+benchmarks/results/decode.json.
 
     python benchmarks/decode.py [--new_tokens 64] [--input_length 32] [--repeats 5]
 """
@@ -92,6 +96,54 @@ def matvec_probe(head, calls: int):
     return probe, best
 
 
+def decoder_matvec_probe(params, config, passes: int = 8):
+    """A function that times one jitted loop of `passes` passes over the decoder's step matrices
+    (per layer: the stacked q/k/v [d, 3 * inner], self-attention out, cross-attention query and
+    out, the stacked wi_0/wi_1 [d, 2 * ff], wo; as `decoding.decode_weights` feeds a step), one
+    batch-1 matrix-vector product each, chained (each input is the previous output cut or
+    zero-padded to the next matrix's input size), and records the best call's read bandwidth:
+    the rate XLA:CPU's matrix-vector products reach on these 0.8-4 MB matrices, beside the
+    output matrix's. Returns (probe, best seconds per pass, bytes per pass)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cpm2_jax import decoding
+
+    stacked = decoding.decode_weights(config, params)["decoder"]
+    decoder = params["decoder"]
+    flat = lambda w, n_in=1: w.reshape(int(np.prod(w.shape[:n_in])), -1)  # noqa: E731
+    mats = []
+    for name in sorted((k for k in decoder if k.startswith("layers_")), key=lambda k: int(k.split("_")[1])):
+        layer, extra = decoder[name], stacked[name]
+        cross = layer["encoder_decoder_attention"]
+        mats += [flat(extra["self_attention"]["qkv"]), flat(layer["self_attention"]["out"]["kernel"], 2),
+                 flat(cross["query"]["kernel"]), flat(cross["out"]["kernel"], 2)]
+        mats += [flat(extra["mlp"]["wi"]), layer["mlp"]["wo"]]  # dense gated FFN (the benchmark's model)
+    mats = [jnp.asarray(m) for m in mats]
+    width = max(max(m.shape) for m in mats)
+
+    @jax.jit
+    def chain(mats, x):
+        def one_pass(_, x):
+            for m in mats:
+                y = x[:, :m.shape[0]] @ m
+                x = jnp.tanh(jnp.pad(y, ((0, 0), (0, width - y.shape[1]))))
+            return x
+        return jax.lax.fori_loop(0, passes, one_pass, x)
+
+    x0 = jnp.full((1, width), 0.01, mats[0].dtype)
+    chain(mats, x0).block_until_ready()
+    best = [float("inf")]
+
+    def probe():
+        start = time.perf_counter()
+        chain(mats, x0).block_until_ready()
+        best[0] = min(best[0], (time.perf_counter() - start) / passes)
+
+    return probe, best, int(sum(np.size(m) * m.dtype.itemsize for m in mats))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small")
@@ -148,6 +200,7 @@ def main(argv=None) -> int:
         if batch == 1:
             head = params["decoder"]["logits_dense"]["kernel"]
             fns["matvec"], best_matvec = matvec_probe(head, args.matvec_calls)
+            fns["decoder_matvecs"], best_decoder, decoder_bytes = decoder_matvec_probe(params, config)
         first, times = timed_interleaved(fns, warmup=1, reps=args.repeats)
         ours_s, theirs_s = statistics.median(times["jax"]), statistics.median(times["torch"])
         tokens = batch * n
@@ -176,11 +229,24 @@ def main(argv=None) -> int:
                 "measured_step_s": round(ours_s / n, 6),
                 "measured_best_step_s": round(min(times["jax"]) / n, 6),
             }
+            # What bounds the figure: the decoder matrices' products read slower than the output
+            # matrix's. A step at those two rates (weights only, nothing else) would take:
+            decoder_bw = decoder_bytes / best_decoder[0]
+            matvec_bound_s = step_bytes["output_matrix"] / bandwidth + decoder_bytes / decoder_bw
+            report["roofline_b1"].update({
+                "decoder_matvec_bytes": decoder_bytes,
+                "decoder_matvec_best_pass_s": round(best_decoder[0], 6),
+                "decoder_matvec_bandwidth_gb_per_s": round(decoder_bw / 1e9, 2),
+                "matvec_bound_step_s": round(matvec_bound_s, 6),
+                "matvec_bound_fraction_of_roofline": round(roofline_s / matvec_bound_s, 3),
+            })
             report["roofline_fraction_b1"] = round(roofline_s / (ours_s / n), 3)
             report["roofline_fraction_b1_best_run"] = round(roofline_s / (min(times["jax"]) / n), 3)
             print(f"batch 1 roofline: {step_bytes['total'] / 1e6:.1f} MB/step at {bandwidth / 1e9:.2f} GB/s = "
                   f"{roofline_s * 1e3:.2f} ms; measured {ours_s / n * 1e3:.2f} ms/step: fraction "
                   f"{report['roofline_fraction_b1']}", file=sys.stderr)
+            print(f"batch 1 decoder matrices: {decoder_bytes / 1e6:.1f} MB at {decoder_bw / 1e9:.2f} GB/s; weights "
+                  f"alone at the two matvec rates take {matvec_bound_s * 1e3:.2f} ms/step", file=sys.stderr)
     report["targets"] = {"roofline_fraction_b1": 0.6}
     report["machine"] = machine_info()
     report["unix_time"] = int(time.time())
