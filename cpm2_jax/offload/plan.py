@@ -28,17 +28,18 @@ class Plan:
     num_experts: int
     moe_layers: int
     decoder_moe_layers: int
-    expert_bytes: int
+    expert_bytes: int  # one expert over the link (int8: quantised)
     resident_bytes: int
     device_bytes: int
     largest_k: int
     bytes_per_step: int
     bandwidth: float  # bytes/s
     tokens_per_s: float  # batch-1 greedy when every expert misses the device
+    slot_bytes: int = 0  # one expert in a device slot (int8 is dequantised there on arrival)
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        out["gib"] = {k: round(getattr(self, k) / 2 ** 30, 3) for k in ("expert_bytes", "resident_bytes",
+        out["gib"] = {k: round(getattr(self, k) / 2 ** 30, 3) for k in ("expert_bytes", "slot_bytes", "resident_bytes",
                                                                         "device_bytes", "bytes_per_step")}
         return out
 
@@ -106,23 +107,25 @@ def make_plan(config: ModelConfig, params=None, *, device_bytes: int, bandwidth:
                      for i in range(n))
     dec_layers = sum(config.is_moe_layer("decoder", i) for i in range(config.num_decoder_layers))
     itemsize = experts // max(1, moe_layers * config.num_experts * (expert_bytes(config, 1)))
-    per_expert = expert_bytes(config, max(1, itemsize), int8)
+    per_expert = expert_bytes(config, max(1, itemsize), int8)  # over the link
+    slot = expert_bytes(config, max(1, itemsize))  # on the device (int8 is dequantised on arrival)
     resident = total - experts
-    largest = int(min(config.num_experts, max(0, (device_bytes * USABLE - resident) // per_expert)))
+    largest = int(min(config.num_experts, max(0, (device_bytes * USABLE - resident) // slot)))
     step = dec_layers * config.moe_top_k * per_expert
     return Plan(num_experts=config.num_experts, moe_layers=moe_layers, decoder_moe_layers=dec_layers,
                 expert_bytes=per_expert, resident_bytes=resident, device_bytes=device_bytes, largest_k=largest,
-                bytes_per_step=step, bandwidth=bandwidth, tokens_per_s=bandwidth / step if step else float("inf"))
+                bytes_per_step=step, bandwidth=bandwidth, tokens_per_s=bandwidth / step if step else float("inf"),
+                slot_bytes=slot)
 
 
 def check_fits(plan: Plan, k: int) -> None:
     """One clear line when K slots plus the resident weights do not fit."""
     if plan.largest_k < 1:
         raise ConfigError(f"the resident (non-expert) weights, {plan.resident_bytes / 2**30:.2f} GiB, leave no room "
-                          f"for one expert ({plan.expert_bytes / 2**30:.3f} GiB) in {plan.device_bytes / 2**30:.2f} GiB "
+                          f"for one expert ({plan.slot_bytes / 2**30:.3f} GiB) in {plan.device_bytes / 2**30:.2f} GiB "
                           f"of device memory")
     if k > plan.largest_k:
-        raise ConfigError(f"--device_experts {k} does not fit: {k} x {plan.expert_bytes / 2**30:.3f} GiB experts + "
+        raise ConfigError(f"--device_experts {k} does not fit: {k} x {plan.slot_bytes / 2**30:.3f} GiB experts + "
                           f"{plan.resident_bytes / 2**30:.2f} GiB resident weights exceed {USABLE:.0%} of "
                           f"{plan.device_bytes / 2**30:.2f} GiB; the largest K that fits is {plan.largest_k}")
 

@@ -15,7 +15,8 @@ Beyond InfMoE:
   experts of every layer stay);
 - prefetch of the next MoE layer's likely experts (the ones that layer has needed most often;
   its router's input is not known yet), only into free slots or (lfu) over a colder entry;
-- int8 transfer (per-column scales, dequantised on the device);
+- int8 transfer (per-column scales, dequantised on the device once, on arrival: the slot keeps
+  float32 weights, so computations and cache hits never repeat it);
 - host compute (`host_compute`): an expert that is not on the device and whose few tokens
   cost less on the host than moving its weights (calibrated: host time(n) < load time b) runs
   on the host (the CPU backend, reading the host buffer where it lies), its rows and output
@@ -41,7 +42,7 @@ from cpm2_jax.errors import ConfigError
 from cpm2_jax.offload import schedule as S
 from cpm2_jax.offload import split_moe
 from cpm2_jax.offload.stepped import STACKS, SteppedModel
-from cpm2_jax.offload.store import DeviceSlots, ExpertStore, Layout, Link, unpack
+from cpm2_jax.offload.store import DeviceSlots, ExpertStore, Layout, Link, dequantise, device_layout, unpack
 
 SCHEDULES = ("infmoe", "inorder")
 CACHES = ("lru", "lfu", "none")
@@ -156,6 +157,7 @@ def _packed_apply(window, buffer, *, activation: str, dtype: str, layout: Layout
 
 
 _add_rows = jax.jit(split_moe.add_rows, donate_argnums=(0,))  # a host-computed expert's output, on the device
+_dequantise = jax.jit(dequantise, static_argnames=("layout", "dtype"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +198,7 @@ class OffloadRunner:
         if store is not None and (store.int8 != options.int8 or store.device != self.device):
             raise ValueError("a shared expert store must have the runner's int8 setting and device")
         self.store = store or ExpertStore(config, experts, int8=options.int8, device=self.device)
+        self.layout = device_layout(self.store.layout, config.dtype)  # of the weights in the device slots
         self.model = SteppedModel(config, jax.device_put(resident, self.device), moe_rows=self.moe_rows)
         self.order = self.model.moe_layers()
         # How often each layer has needed each expert (the lfu cache's score, prefetch's guess).
@@ -207,7 +210,7 @@ class OffloadRunner:
         for key in self.order if all_resident else ():
             for e, buf in enumerate(self.store.buffers[key]):
                 self.slots.reserve(key + (e,))
-                self.slots.fill(key + (e,), jax.device_put(buf, self.device))
+                self.slots.fill(key + (e,), self._arrive(jax.device_put(buf, self.device)))
         self.link = Link(self.device, options.bandwidth)
         self.stats = Stats()
         self._prefetched: set = set()
@@ -221,6 +224,15 @@ class OffloadRunner:
         self.cost = cost or self.calibrate()
 
     # ------------------------------------------------------------------ threads
+    def _arrive(self, buf: jax.Array) -> jax.Array:
+        """A transferred expert as its slot keeps it: int8 dequantised on the device, once (the
+        transferred buffer then deleted: the paced link reuses its staging memory)."""
+        if not self.options.int8:
+            return buf
+        weights = _dequantise(buf, layout=self.store.layout, dtype=self.config.dtype).block_until_ready()
+        buf.delete()
+        return weights
+
     def _now(self) -> float:
         return time.perf_counter() - self._t0
 
@@ -252,7 +264,7 @@ class OffloadRunner:
             ready = self.slots.reserve(key)
         buf = self.link.transfer(self.store.buffers[key[:2]][key[2]], ready=max(ready, requested))
         start, end = (t - self._t0 for t in self.link.last)
-        self.slots.fill(key, buf)
+        self.slots.fill(key, self._arrive(buf))
         with self._lock:
             st = self.stats
             st.loads += 1
@@ -344,7 +356,7 @@ class OffloadRunner:
         if opts.prefetch:
             self._prefetch(stack, index, wanted=len(active))
         starts = split_moe.offsets(counts)
-        kw = dict(activation=c.ffn_activation, dtype=c.dtype, layout=self.store.layout)
+        kw = dict(activation=c.ffn_activation, dtype=c.dtype, layout=self.layout)
         if host:  # first: they need no load, so they hide the first one
             rows = np.asarray(routed.rows)
             for e in host:
@@ -352,7 +364,8 @@ class OffloadRunner:
                 tile = split_moe.bucket(n)
                 start = self._now()
                 window = jax.device_put(rows[lo:lo + tile], self.host)
-                y = _packed_apply(window, jax.device_put(self.store.buffers[layer][e], self.host), **kw)
+                y = _packed_apply(window, jax.device_put(self.store.buffers[layer][e], self.host),
+                                  **{**kw, "layout": self.store.layout})  # the host's copy as it is stored
                 out = _add_rows(out, jax.device_put(y, self.device), np.int32(lo), np.int32(n))
                 self._releases.put(("host", keys[e], y, start))
         waited = 0.0
@@ -402,15 +415,17 @@ class OffloadRunner:
             buf.delete()  # its buffer goes back to the link's pool
             buf = self.link.transfer(host_buf)
         load = (time.perf_counter() - start) / reps
-        kw = dict(activation=c.ffn_activation, dtype=c.dtype, layout=self.store.layout)
+        weights = self._arrive(buf)
+        kw = dict(activation=c.ffn_activation, dtype=c.dtype)
 
         def device_run(n):
             rows = jnp.zeros((2 * n, c.d_model), jnp.float32)
-            return _packed_step(jnp.zeros_like(rows), rows, np.int32(0), np.int32(n), buf, tile=n, **kw)[1]
+            return _packed_step(jnp.zeros_like(rows), rows, np.int32(0), np.int32(n), weights, tile=n,
+                                layout=self.layout, **kw)[1]
 
         def host_run(n):
             window = jax.device_put(np.zeros((n, c.d_model), np.float32), self.host)
-            return _packed_apply(window, jax.device_put(host_buf, self.host), **kw)
+            return _packed_apply(window, jax.device_put(host_buf, self.host), layout=self.store.layout, **kw)
 
         def line(run):
             times = {}
@@ -425,7 +440,7 @@ class OffloadRunner:
 
         overhead, per_token = line(device_run)
         host_overhead, host_per_token = line(host_run) if self.options.host_compute else (None, 0.0)
-        buf.delete()
+        weights.delete()
         self.link.reset_counters()
         return CostModel(overhead=overhead, per_token=per_token, load=load, host_overhead=host_overhead,
                          host_per_token=host_per_token)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpm2_jax.config import ModelConfig
+from cpm2_jax.config import ModelConfig, dtype_of
 
 _F32 = 4
 
@@ -117,6 +117,32 @@ def unpack(buffer: jax.Array, layout: Layout, dtype=jnp.float32) -> dict:
         else:
             out[e.name] = raw[e.name]
     return out
+
+
+def device_layout(layout: Layout, dtype="float32") -> Layout:
+    """Where the weights sit in an expert's buffer on the device: an int8 expert is dequantised
+    once on arrival (`dequantise`) into `dtype` (the compute dtype) weights in this layout, so
+    every computation of it - a cache hit included - reads float weights and none repeats the
+    dequantisation (on the CPU, dequantising 3 MB per one-token call cost several times the
+    call). A slot then holds the expert at the compute dtype; the link moves int8. Float
+    layouts stay as they are."""
+    if layout.dtype != "uint8":
+        return layout
+    entries, off = [], 0
+    for e in layout.entries:
+        if not e.name.endswith("/scale"):
+            size = int(np.prod(e.shape))
+            entries.append(Entry(e.name, e.shape, "float", off, size))
+            off += size
+    return Layout(tuple(entries), np.dtype(dtype_of(dtype)).name, off)
+
+
+def dequantise(buffer: jax.Array, layout: Layout, dtype="float32") -> jax.Array:
+    """A packed int8 expert -> its buffer in `device_layout(layout, dtype)` (w = q * column scale
+    as `unpack` computes it; traceable: jit it on the device)."""
+    target = device_layout(layout, dtype)
+    weights = unpack(buffer, layout, dtype_of(dtype))
+    return jnp.concatenate([weights[e.name].astype(target.dtype).reshape(-1) for e in target.entries])
 
 
 def host_memory_kind(device) -> Optional[str]:

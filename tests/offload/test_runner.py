@@ -190,7 +190,7 @@ def test_paced_link_keeps_to_its_rate_from_its_own_clock():
 def test_int8_pack_unpack_is_round_to_nearest_per_column():
     """Quantisation by itself (no model): every dequantised weight is within half a step of its
     column's scale (max|w[:, j]| / 127), the largest of each column is exact, vectors stay float32."""
-    from cpm2_jax.offload.store import pack_expert, unpack
+    from cpm2_jax.offload.store import dequantise, device_layout, pack_expert, unpack
 
     rng = np.random.default_rng(0)
     weights = {"wi": rng.normal(size=(16, 24)).astype(np.float32), "wo": rng.normal(size=(24, 16)).astype(np.float32),
@@ -198,6 +198,9 @@ def test_int8_pack_unpack_is_round_to_nearest_per_column():
     buf, layout = pack_expert(weights, int8=True)
     assert layout.nbytes < sum(w.nbytes for w in weights.values()) / 3
     got = {k: np.asarray(v) for k, v in unpack(jnp.asarray(buf), layout).items()}
+    # Dequantised once on arrival (the slot's float32 buffer): the same weights, bit for bit.
+    arrived = unpack(dequantise(jnp.asarray(buf), layout), device_layout(layout))
+    assert set(arrived) == set(got) and all((np.asarray(arrived[k]) == got[k]).all() for k in got)
     np.testing.assert_array_equal(got["scale"], weights["scale"])
     for name in ("wi", "wo"):
         w = weights[name]
