@@ -15,7 +15,7 @@ from cpm2_jax import train as train_bin
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RUN = ["--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin", "--gin_file=tests/gin/byte_pairs.gin",
-       "--gin.TRAIN_STEPS=24", "--gin.BATCH_SIZE=8", "--gin.CHECKPOINT_PERIOD=8", "--gin.EVAL_PERIOD=0",
+       "--gin.TRAIN_STEPS=12", "--gin.BATCH_SIZE=8", "--gin.CHECKPOINT_PERIOD=4", "--gin.EVAL_PERIOD=0",
        "--gin.EVAL_STEPS=2", "--gin.WARMUP_STEPS=10", "--gin.LEARNING_RATE=3e-3",
        "--gin.cpm2_jax.model_config.dropout_rate=0.1",  # dropout keys must replay exactly too
        "--gin.cpm2_jax.train.train.log_period=1", "--no_progress"]
@@ -54,7 +54,7 @@ def _metrics(model_dir):
 
 
 def _final_params(model_dir):
-    tree = ocp.PyTreeCheckpointer().restore(model_dir / "checkpoints" / "24" / "state")
+    tree = ocp.PyTreeCheckpointer().restore(model_dir / "checkpoints" / "12" / "state")
     leaves = __import__("jax").tree_util.tree_flatten_with_path(tree["params"])[0]
     return {str(path): np.asarray(leaf) for path, leaf in leaves}
 
@@ -65,32 +65,32 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path):
     # One run after the other: the straight run compiles, the two below load its programs from
     # the session's compilation cache (conftest), as a resumed job on the same machine would.
     _finish(_start(straight, _env()))
-    # The killed run's data iterator hangs before batch 13: 13 steps trained, step 8 saved.
-    victim = _start(killed, _env(CPM2_TEST_PAUSE_AT_STEP="13", CPM2_TEST_PAUSE_FILE=str(pause)))
+    # The killed run's data iterator hangs before batch 7: 7 steps trained, step 4 saved.
+    victim = _start(killed, _env(CPM2_TEST_PAUSE_AT_STEP="7", CPM2_TEST_PAUSE_FILE=str(pause)))
     deadline = time.time() + 600
-    while not (pause.exists() and (killed / "checkpoints" / "8").is_dir()) and victim.poll() is None:
-        assert time.time() < deadline, "the run never reached step 13"
+    while not (pause.exists() and (killed / "checkpoints" / "4").is_dir()) and victim.poll() is None:
+        assert time.time() < deadline, "the run never reached step 7"
         time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
     _, before = _metrics(killed)
     resumed_out = _finish(_start(killed, _env()))
 
-    assert "resumed from checkpoint step 8" in resumed_out
+    assert "resumed from checkpoint step 4" in resumed_out
     a, _ = _metrics(straight)
     b, seen = _metrics(killed)
-    assert ("train", 13) in before and ("train", 14) not in before  # really killed after step 13
-    assert set(seen.values()) == {1}  # the replayed steps 9-13 replaced their rows, not duplicated them
-    assert sorted(a) == sorted(b) and ("validation", 24) in a
+    assert ("train", 7) in before and ("train", 8) not in before  # really killed after step 7
+    assert set(seen.values()) == {1}  # the replayed steps 5-7 replaced their rows, not duplicated them
+    assert sorted(a) == sorted(b) and ("validation", 12) in a
     for key in a:
         assert a[key] == b[key], key  # exact float equality: bit-identical metrics
     pa, pb = _final_params(straight), _final_params(killed)
     assert pa.keys() == pb.keys()
     for name in pa:
         np.testing.assert_array_equal(pa[name], pb[name], err_msg=name)
-    assert "TRAIN_STEPS = 24" in (straight / "config.gin").read_text()
+    assert "TRAIN_STEPS = 12" in (straight / "config.gin").read_text()
     operative = (straight / "operative_config.gin").read_text()
-    assert "# Parameters for train:" in operative and "TRAIN_STEPS = 24" in operative
+    assert "# Parameters for train:" in operative and "TRAIN_STEPS = 12" in operative
 
 
 def _main(args, capsys):

@@ -44,13 +44,13 @@ def test_validation_loss_drops_on_shared_data(shared_data, trainer):
     val_batches = [next(validation) for _ in range(4)]
     before = trainer.evaluate(state.params, val_batches)
     batches = byte_pairs_dataset(_data())
-    for _ in range(150):
+    for _ in range(40):  # 6.24 -> 4.15 in 40 steps (3.43 after 150): the drop is there early
         state, metrics = trainer.train_step(state, trainer.shard_batch(next(batches)))
     after = trainer.evaluate(state.params, val_batches)
     assert before["loss"] > 6.0  # ~ln(512) for a fresh model
     assert after["loss"] < before["loss"] - 1.5, (before, after)
     assert after["accuracy"] > before["accuracy"]
-    assert int(state.step) == 150 and np.isfinite(float(metrics["grad_norm"]))
+    assert int(state.step) == 40 and np.isfinite(float(metrics["grad_norm"]))
 
 
 def test_gradient_accumulation_equals_one_big_batch(trainer):
