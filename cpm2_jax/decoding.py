@@ -190,13 +190,32 @@ def decode_weights(config: ModelConfig, params) -> dict:
     return {"decoder": out}
 
 
+def cross_attention_layouts(config: ModelConfig, cache) -> dict:
+    """The encoder keys/values of `cache` (filled by `init_cache`) laid out per head for a
+    decoding step (collection `DECODE_WEIGHTS`): "key_t" [batch, heads, dim, enc_len] and
+    "value_t" [batch, heads, enc_len, dim] per decoder layer (scanned: [layers, ...]). The
+    same numbers, transposed once per decoding call: a step's cross-attention is then one
+    matrix-vector product per head and product (`attention.transposed_cache_attention`)."""
+    lead = 1 if config.scan_layers else 0
+    key_axes = tuple(range(lead)) + tuple(lead + a for a in (0, 2, 3, 1))
+    value_axes = tuple(range(lead)) + tuple(lead + a for a in (0, 2, 1, 3))
+    out = {}
+    for name, layer in cache["decoder"].items():
+        cross = layer.get("encoder_decoder_attention") if hasattr(layer, "get") else None
+        if cross is not None:
+            out[name] = {"encoder_decoder_attention": {"key_t": jnp.transpose(cross["cached_key"], key_axes),
+                                                       "value_t": jnp.transpose(cross["cached_value"], value_axes)}}
+    return {"decoder": out}
+
+
 def make_step(config: ModelConfig, params, encoded, encoder_input_tokens, *,
-              stack_weights: Optional[bool] = None) -> StepFn:
+              stack_weights: Optional[bool] = None, cache=None) -> StepFn:
     """(tokens [n], cache) -> (float32 logits [n, vocab], cache) for one decoder position.
 
     `stack_weights` (default: on CPU) runs the steps with `decode_weights`, built here once:
     a copy of the decoder's qkv and wi_0/wi_1 kernels (about 5/13 of a dense decoder layer)
-    lives as long as the step function.
+    lives as long as the step function; given the filled `cache`, also with its encoder
+    keys/values per head (`cross_attention_layouts`, a copy of the cross-attention cache).
     """
     model = _model(config)
     if stack_weights is None:
@@ -204,6 +223,11 @@ def make_step(config: ModelConfig, params, encoded, encoder_input_tokens, *,
     variables = {"params": params}
     if stack_weights:
         variables[DECODE_WEIGHTS] = decode_weights(config, params)
+        if cache is not None:
+            layouts = cross_attention_layouts(config, cache)["decoder"]
+            stacked = variables[DECODE_WEIGHTS]["decoder"]
+            for name, entry in layouts.items():
+                stacked[name] = {**stacked.get(name, {}), **entry}
 
     def step(tokens, cache):
         logits, variables_out = model.apply({**variables, "cache": cache}, encoded, encoder_input_tokens,
@@ -279,7 +303,7 @@ def _sample_jit(params, encoder_input_tokens, rng, task_index=None, *, config: M
                 min_new_tokens: int, eos_id: int, temperature: float, top_k: int, top_p: float) -> DecodeOutput:
     encoded = _encode(config, params, encoder_input_tokens, task_index)
     cache = init_cache(config, params, encoded, encoder_input_tokens, max_new_tokens)
-    step = make_step(config, params, encoded, encoder_input_tokens)
+    step = make_step(config, params, encoded, encoder_input_tokens, cache=cache)
 
     if temperature == 0.0:
         def choose(logits, key):
@@ -412,7 +436,7 @@ def _beam_jit(params, encoder_input_tokens, task_index=None, *, config: ModelCon
     encoded = jnp.repeat(encoded, num_beams, axis=0)
     beam_tokens = jnp.repeat(encoder_input_tokens, num_beams, axis=0)
     cache = init_cache(config, params, encoded, beam_tokens, max_new_tokens)
-    step = make_step(config, params, encoded, beam_tokens)
+    step = make_step(config, params, encoded, beam_tokens, cache=cache)
     return beam_loop(step, cache, batch, num_beams=num_beams, max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, eos_id=eos_id, alpha=alpha,
                      penalty=LENGTH_PENALTIES[length_penalty_kind], early_stopping=early_stopping,

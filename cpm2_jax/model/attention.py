@@ -198,6 +198,23 @@ def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.A
     return jnp.einsum("bhhd->bhd", out.reshape(b, h, h, d))[:, None]
 
 
+def transposed_cache_attention(q: jax.Array, key_t: jax.Array, value_t: jax.Array, bias: jax.Array, *,
+                               dropout=None, dtype=jnp.float32) -> jax.Array:
+    """`dot_product_attention` for one query position over encoder keys/values laid out per
+    head (built once per decoding call, `decoding.cross_attention_layouts`): key_t [b, h, d, k],
+    value_t [b, h, k, d]. Each head is then one matrix-vector product per product, read in
+    place: XLA:CPU runs them single-threaded, where `single_query_attention`'s small [h, k]
+    matmuls wake the second core (~3x slower per decoding step at mT5-small's shape).
+
+    q: [b, 1, h, d]; bias: broadcastable to [b, h, 1, k]. Returns [b, 1, h, d].
+    """
+    logits = jnp.einsum("bhd,bhdk->bhk", q[:, 0], key_t, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits[:, :, None, :] + bias, axis=-1)
+    if dropout is not None:
+        weights = dropout(weights)
+    return jnp.einsum("bhk,bhkd->bhd", weights[:, :, 0, :].astype(dtype), value_t)[:, None]
+
+
 class MultiHeadAttention(nn.Module):
     """Bias-free multi-head attention with optional autoregressive KV cache.
 
@@ -260,6 +277,9 @@ class MultiHeadAttention(nn.Module):
         cross_step = self.decode and self.is_cross_attention and query.shape[1] == 1
         attend = single_query_attention if cross_step and jax.default_backend() == "cpu" else dot_product_attention
         extra = {} if attend is single_query_attention else {"recompute": self.recompute}
+        if cross_step and self.has_variable(DECODE_WEIGHTS, "key_t"):  # per-head layouts (decoding.make_step)
+            attend, extra = transposed_cache_attention, {}
+            key, value = self.get_variable(DECODE_WEIGHTS, "key_t"), self.get_variable(DECODE_WEIGHTS, "value_t")
         out = attend(query, key, value, bias, dropout=drop, dtype=dtype_of(self.dtype), **extra)
         out = nn.with_logical_constraint(out, axes)
         return Projection(features=(d_model,), kernel_axes=("heads", "kv", "embed"), num_input_axes=2,

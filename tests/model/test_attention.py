@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cpm2_jax.model.attention import (attention_mask, dot_product_attention, mask_to_bias, relative_position_bucket,
-                                      single_query_attention)
+                                      single_query_attention, transposed_cache_attention)
 
 
 def brute_force_bucket(offset: int, bidirectional: bool, num_buckets=32, max_distance=128) -> int:
@@ -73,14 +73,17 @@ def test_dropout_and_recompute_paths_add_the_bias_once():
 
 
 def test_single_query_attention_equals_dot_product_attention():
-    """The decoding step's block-diagonal form gives the two-matmul result, masked keys included."""
+    """The decoding step's block-diagonal and per-head forms give the two-matmul result, masked keys included."""
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.normal(size=(3, 1, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(3, 7, 4, 8)), jnp.float32) for _ in range(2))
     valid = jnp.asarray(np.arange(7)[None, :] < np.array([[7], [4], [1]]))
     bias = jnp.asarray(rng.normal(size=(1, 4, 1, 7)), jnp.float32) + mask_to_bias(valid[:, None, None, :])
-    np.testing.assert_allclose(np.asarray(single_query_attention(q, k, v, bias)),
-                               np.asarray(dot_product_attention(q, k, v, bias)), rtol=1e-5, atol=1e-6)
+    want = np.asarray(dot_product_attention(q, k, v, bias))
+    np.testing.assert_allclose(np.asarray(single_query_attention(q, k, v, bias)), want, rtol=1e-5, atol=1e-6)
+    # and the per-head form over keys/values transposed once per decoding call
+    per_head = transposed_cache_attention(q, jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3)), bias)
+    np.testing.assert_allclose(np.asarray(per_head), want, rtol=1e-5, atol=1e-6)
 
 
 def test_masks():
