@@ -125,13 +125,15 @@ def _encode(config: ModelConfig, params, encoder_input_tokens, task_index=None):
     return model.apply({"params": params}, encoder_input_tokens, task_index=task_index, method=model.encode)
 
 
-def init_cache(config: ModelConfig, params, encoded, encoder_input_tokens, length: int):
+def init_cache(config: ModelConfig, params, encoded, encoder_input_tokens, length: int, task_index=None):
     """The decoder cache for `length` positions, shaped without running the decoder: the
     cross-attention keys/values of `encoded` projected once (`fill_cross_attention_cache`),
     every other value (self-attention keys/values, index) zero.
 
     The cache-shaping pass of `EncoderDecoder.decode(decode=True)` is evaluated abstractly
-    (`jax.eval_shape`).
+    (`jax.eval_shape`). With a decoder prompt (`PromptConfig.decoder_length` M) the cache holds
+    M + `length` positions and the rows' prompts (`task_index`) fill the first M
+    (`EncoderDecoder.prefill_decoder_prompt`): the steps then start at position M.
     """
     model = _model(config)
     batch = encoded.shape[0]
@@ -142,8 +144,13 @@ def init_cache(config: ModelConfig, params, encoded, encoder_input_tokens, lengt
         return variables["cache"]
 
     shapes = jax.eval_shape(shape_pass, params, encoded, encoder_input_tokens)
-    return fill_cross_attention_cache(config, params, encoded,
-                                      jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+    cache = fill_cross_attention_cache(config, params, encoded,
+                                       jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+    if config.prompt is None or not config.prompt.decoder_length:
+        return cache
+    _, variables = model.apply({"params": params, "cache": cache}, encoded, encoder_input_tokens, task_index,
+                               method=model.prefill_decoder_prompt, mutable=["cache"])
+    return variables["cache"]
 
 
 def fill_cross_attention_cache(config: ModelConfig, params, encoded, cache):
@@ -302,7 +309,7 @@ def _sample_loop(step: StepFn, cache, batch: int, *, max_new_tokens: int, min_ne
 def _sample_jit(params, encoder_input_tokens, rng, task_index=None, *, config: ModelConfig, max_new_tokens: int,
                 min_new_tokens: int, eos_id: int, temperature: float, top_k: int, top_p: float) -> DecodeOutput:
     encoded = _encode(config, params, encoder_input_tokens, task_index)
-    cache = init_cache(config, params, encoded, encoder_input_tokens, max_new_tokens)
+    cache = init_cache(config, params, encoded, encoder_input_tokens, max_new_tokens, task_index)
     step = make_step(config, params, encoded, encoder_input_tokens, cache=cache)
 
     if temperature == 0.0:
@@ -435,7 +442,9 @@ def _beam_jit(params, encoder_input_tokens, task_index=None, *, config: ModelCon
     encoded = _encode(config, params, encoder_input_tokens, task_index)  # once per input, not per beam
     encoded = jnp.repeat(encoded, num_beams, axis=0)
     beam_tokens = jnp.repeat(encoder_input_tokens, num_beams, axis=0)
-    cache = init_cache(config, params, encoded, beam_tokens, max_new_tokens)
+    beam_tasks = None if task_index is None else jnp.repeat(jnp.asarray(task_index, jnp.int32).reshape(batch),
+                                                               num_beams, axis=0)
+    cache = init_cache(config, params, encoded, beam_tokens, max_new_tokens, beam_tasks)
     step = make_step(config, params, encoded, beam_tokens, cache=cache)
     return beam_loop(step, cache, batch, num_beams=num_beams, max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, eos_id=eos_id, alpha=alpha,

@@ -287,15 +287,14 @@ class MultiHeadAttention(nn.Module):
                           cpu_weight_grads=self.cpu_weight_grads, name="out")(out)
 
     def _update_self_cache(self, key, value, cache_index):
-        """Writes this step's key/value at `cache_index`; returns the whole cache."""
+        """Writes this step's keys/values at `cache_index`.. ; returns the whole cache."""
         initialised = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
         if not initialised:
             # The cache-shaping pass (model.init with the full decode length): nothing to write.
             return key, value
-        if key.shape[1] != 1:
-            raise ValueError(f"decode=True expects one new decoder position per call, got {key.shape[1]}")
+        # A step writes its new positions (one per token; a decoder prompt's M at once) at cache_index.
         idx = jnp.asarray(cache_index, jnp.int32)
         cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), (0, idx, 0, 0))
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), (0, idx, 0, 0))

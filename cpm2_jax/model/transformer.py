@@ -9,7 +9,10 @@ Extension points kept for the techniques built on this model:
 - prompt tuning (`cpm2_jax.prompts`): with `ModelConfig.prompt` set, `encode` inserts each
   row's prompt (table row `task_index`) after the embedding, `decode` derives the longer
   encoder mask, and the Encoder takes an extra attention mask (the paper's mask variants);
-  `encode` also takes `input_embeddings`/`input_valid` directly;
+  `encode` also takes `input_embeddings`/`input_valid` directly; a decoder prompt
+  (`PromptConfig.decoder_length`) is the Decoder's `prefix`: prepended to the embedded decoder
+  inputs, its logits dropped, its keys/values written into the KV cache once
+  (`prefill_decoder_prompt`) before the decoding steps;
 - knowledge inheritance: `__call__` is a pure function of (params, batch), callable for a
   teacher inside the student's train step;
 - MoE / InfMoE: the feed-forward block is chosen in `_feed_forward` (dense `MlpBlock` or
@@ -169,10 +172,19 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, encoded: jax.Array, encoder_valid: jax.Array, decoder_input_tokens: jax.Array,
                  encoder_segment_ids: Optional[jax.Array] = None, decoder_segment_ids: Optional[jax.Array] = None,
-                 *, enable_dropout: bool = False, decode: bool = False):
+                 *, enable_dropout: bool = False, decode: bool = False, prefix: Optional[jax.Array] = None):
+        """`prefix` [B, M, D] (a decoder prompt): vectors before the embedded tokens, attended
+        causally like them; logits are returned for the tokens only. In a decoding step the
+        new positions (prefix, then tokens) sit at `cache_index`.. and see every cached key
+        before them: the prompt is passed once, alone, to fill the cache."""
         c = self.config
         deterministic = not enable_dropout
         x = self.shared_embedding(decoder_input_tokens)
+        num_prefix = 0 if prefix is None else prefix.shape[1]
+        if num_prefix:
+            if decoder_segment_ids is not None:
+                raise ConfigError("a decoder prompt needs unpacked targets (one example per row, DatasetConfig.pack = False)")
+            x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
         relpos = RelativePositionBias(num_heads=c.num_heads, num_buckets=c.relative_attention_num_buckets,
                                       max_distance=c.relative_attention_max_distance, bidirectional=False,
@@ -180,25 +192,27 @@ class Decoder(nn.Module):
         length = x.shape[1]
         cache_index = None
         if decode and self.has_variable("cache", "cache_index"):
-            # One step: the new query sits at position `cache_index` and sees keys 0..cache_index.
+            # A step of `length` new positions (1 per token; M to fill a decoder prompt): query q
+            # sits at position cache_index + q and sees keys 0..cache_index + q.
             index_var = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
             cache_index = index_var.value
             max_length = self.get_max_decode_length()
-            k_pos = jnp.arange(max_length)
-            self_bias = relpos(1, max_length, q_offset=cache_index) + mask_to_bias(
-                (k_pos <= cache_index)[None, None, None, :])
-            index_var.value = cache_index + 1
+            q_pos = cache_index + jnp.arange(length)
+            self_bias = relpos(length, max_length, q_offset=cache_index) + mask_to_bias(
+                (jnp.arange(max_length)[None, :] <= q_pos[:, None])[None, None])
+            index_var.value = cache_index + length
         else:
             if decode:  # cache-shaping pass: remember the decode length
                 self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
                 self.variable("cache", "max_length", lambda: jnp.zeros((length,), jnp.bool_))
-            all_valid = jnp.ones(decoder_input_tokens.shape, jnp.bool_)
+            all_valid = jnp.ones(x.shape[:2], jnp.bool_)
             self_bias = relpos(length, length) + mask_to_bias(attention_mask(
                 all_valid, all_valid, causal=True, q_segment=decoder_segment_ids, k_segment=decoder_segment_ids))
         cross_mask = attention_mask(None, encoder_valid, q_segment=decoder_segment_ids, k_segment=encoder_segment_ids)
         cross_bias = mask_to_bias(cross_mask)
         x = _stack_layers(self, DecoderLayer, c.num_decoder_layers, x, encoded, self_bias, cross_bias, cache_index,
                           deterministic=deterministic, decode=decode)
+        x = x[:, num_prefix:]  # the prompt positions predict nothing
         x = RMSNorm(epsilon=c.layer_norm_epsilon, dtype=c.dtype, param_dtype=c.param_dtype, name="decoder_norm")(x)
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
         if c.tie_word_embeddings:
@@ -248,14 +262,40 @@ class EncoderDecoder(nn.Module):
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids=None,
                decoder_segment_ids=None, *, enable_dropout: bool = False, decode: bool = False,
-               encoder_valid=None):
+               encoder_valid=None, task_index=None):
+        """Decoder logits. With a decoder prompt (`task_index` picks each row's) the prompt is
+        prepended in training, scoring and the cache-shaping pass (the cache then holds M more
+        positions); a decoding step adds no prompt (its keys/values are cached)."""
         if encoder_valid is None and self.config.prompt is not None:
             from cpm2_jax.prompts.placement import valid_after_insert
 
             encoder_valid = valid_after_insert(encoder_input_tokens, encoded.shape[1], self.config.prompt.length)
         valid = (encoder_input_tokens > 0) if encoder_valid is None else encoder_valid
+        prefix = None
+        if self._decoder_prompted() and not (decode and self.decoder.has_variable("cache", "cache_index")):
+            prefix = self._decoder_prompt(decoder_input_tokens, task_index)
         return self.decoder(encoded, valid, decoder_input_tokens, encoder_segment_ids, decoder_segment_ids,
-                            enable_dropout=enable_dropout, decode=decode)
+                            enable_dropout=enable_dropout, decode=decode, prefix=prefix)
+
+    def prefill_decoder_prompt(self, encoded, encoder_input_tokens, task_index=None, *, encoder_valid=None):
+        """Writes each row's decoder prompt into the decoding cache (positions 0..M-1, cache
+        index M), as the teacher-forced pass sees it: call with `mutable=["cache"]` on a cache
+        from the cache-shaping pass, before the first step."""
+        if encoder_valid is None:
+            from cpm2_jax.prompts.placement import valid_after_insert
+
+            encoder_valid = valid_after_insert(encoder_input_tokens, encoded.shape[1], self.config.prompt.length)
+        empty = jnp.zeros((encoded.shape[0], 0), jnp.int32)
+        return self.decoder(encoded, encoder_valid, empty, decode=True,
+                            prefix=self._decoder_prompt(empty, task_index))
+
+    def _decoder_prompted(self) -> bool:
+        return self.config.prompt is not None and self.config.prompt.decoder_length > 0
+
+    def _decoder_prompt(self, decoder_input_tokens, task_index):
+        from cpm2_jax.prompts.module import default_task_index
+
+        return self.prompt(default_task_index(decoder_input_tokens, task_index), side="decoder")
 
     def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                  encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
@@ -268,7 +308,7 @@ class EncoderDecoder(nn.Module):
         encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout,
                               task_index=task_index)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
-                           decoder_segment_ids, enable_dropout=enable_dropout, decode=decode)
+                           decoder_segment_ids, enable_dropout=enable_dropout, decode=decode, task_index=task_index)
 
 
 def reorder_cache(cache, batch_indices: jax.Array, *, scanned: bool):

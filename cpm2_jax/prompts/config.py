@@ -5,6 +5,15 @@ ratio list; initialised from the mask token's embedding or sampled vocabulary ro
 Set as `ModelConfig.prompt` (gin: `cpm2_jax.model_config.prompt = @cpm2_jax.prompts.PromptConfig()`);
 the model then holds a prompt table [num_tasks, length, d_model] and every example picks
 its row by a `task_index` feature (0 when absent).
+
+Optional decoder prompts (`decoder_length` > 0, default 0 = none), as google-research/
+prompt-tuning's `PromptDecoder`: a second table [num_tasks, decoder_length, d_model]
+(`prompt/decoder_table`, trained and saved with the encoder prompt) whose row is prepended to
+the decoder's input after the target embedding shift, [P_1..P_M, <start>, y_1, ..., y_{T-1}];
+the decoder attends causally over the whole row (relative positions are offsets in it) and
+the logits of the M prompt positions are dropped, so the loss, scores and outputs keep the
+targets' shape. Decoding writes the prompt's keys/values into the KV cache once
+(`EncoderDecoder.prefill_decoder_prompt`) and steps from position M.
 """
 from __future__ import annotations
 
@@ -74,6 +83,8 @@ class PromptConfig:
     embedding with `init_seed`), 'text' (the embedding of `init_text`, a string tokenised by
     the CPM2_VOCAB vocabulary or a list of ids, repeated to fill the length), 'file' (a prompt
     file, `init_file`), 'normal' (the model's normal(0, init_std)).
+    `decoder_length`: vectors per task prepended to the decoder input (0 = no decoder prompt;
+    initialised as the encoder prompt is, trained with it).
     """
 
     length: int = 100
@@ -86,6 +97,7 @@ class PromptConfig:
     init_text: Union[str, Sequence[int]] = ""
     init_file: str = ""
     init_seed: int = 0
+    decoder_length: int = 0
 
     def __post_init__(self):
         # Lists from gin or JSON become tuples: the config is hashed (a static jit argument).
@@ -95,6 +107,8 @@ class PromptConfig:
                 object.__setattr__(self, name, tuple(value))
         if self.length < 1 or self.num_tasks < 1:
             raise ConfigError(f"PromptConfig.length and num_tasks must be >= 1, got {self.length}, {self.num_tasks}")
+        if self.decoder_length < 0:
+            raise ConfigError(f"PromptConfig.decoder_length must be >= 0 (0 = no decoder prompt), got {self.decoder_length}")
         if self.mask not in MASKS:
             raise ConfigError(f"PromptConfig.mask {self.mask!r} is unknown{closest(self.mask, MASKS)}; "
                               f"known: {', '.join(MASKS)}")

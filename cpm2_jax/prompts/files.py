@@ -1,10 +1,10 @@
 """A tuned prompt saved on its own: one small file per task, apart from the backbone.
 
 Format: a NumPy `.npz` (read with `allow_pickle=False`, nothing is unpickled) holding
-`vectors` [N, d_model] float32 and `meta`, UTF-8 JSON bytes: the format tag, the task's
-placement and mask, the prompt's `PromptConfig` fields, and the backbone it was tuned on
-(its architecture fields and a fingerprint, a SHA-256 over every backbone parameter's path,
-shape and bfloat16 bytes, so a float32 checkpoint and its bfloat16 copy agree). Loading a
+`vectors` [N, d_model] float32 (with a decoder prompt also `decoder_vectors` [M, d_model]) and
+`meta`, UTF-8 JSON bytes: the format tag, the task's placement and mask, the prompt's
+`PromptConfig` fields, and the backbone it was tuned on (its architecture fields and a
+fingerprint, a SHA-256 over every backbone parameter's path, shape and bfloat16 bytes, so a float32 checkpoint and its bfloat16 copy agree). Loading a
 prompt onto another backbone is a CheckpointError naming the file and what differs.
 A 100 x 4096 prompt is 1.6 MB; a `base`-sized one 300 KB.
 """
@@ -35,7 +35,8 @@ ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "d_ff", "num_heads", "head_dim",
 
 @dataclasses.dataclass(frozen=True)
 class PromptFile:
-    """One task's prompt: vectors [N, d_model], its placement/mask, and its backbone."""
+    """One task's prompt: vectors [N, d_model] (and decoder_vectors [M, d_model] or None), its
+    placement/mask, and its backbone."""
 
     vectors: np.ndarray
     placement: str
@@ -44,6 +45,7 @@ class PromptFile:
     backbone_config: dict
     fingerprint: str
     source: str = ""
+    decoder_vectors: Optional[np.ndarray] = None
 
 
 def _flat(params) -> dict[str, Any]:
@@ -75,9 +77,10 @@ def backbone_description(model_config) -> dict:
 
 
 def save_prompt(path, vectors, *, prompt_config: PromptConfig, task: int, model_config, fingerprint: str,
-                overwrite: bool = False) -> pathlib.Path:
-    """Writes task `task`'s prompt (vectors [N, d_model]) to `path` (.npz) atomically (a temp
-    file renamed); an existing file is kept unless `overwrite`."""
+                overwrite: bool = False, decoder_vectors=None) -> pathlib.Path:
+    """Writes task `task`'s prompt (vectors [N, d_model], decoder_vectors [M, d_model] with a
+    decoder prompt) to `path` (.npz) atomically (a temp file renamed); an existing file is
+    kept unless `overwrite`."""
     target = pathlib.Path(path).expanduser().absolute()
     if target.exists() and not overwrite:
         raise ConfigError(f"prompt file {str(target)!r} exists; pass overwrite=True to replace it")
@@ -85,11 +88,19 @@ def save_prompt(path, vectors, *, prompt_config: PromptConfig, task: int, model_
     if vectors.shape != (prompt_config.length, model_config.d_model):
         raise ConfigError(f"prompt vectors have shape {vectors.shape}, expected "
                           f"({prompt_config.length}, {model_config.d_model})")
+    arrays = {"vectors": vectors}
+    if prompt_config.decoder_length or decoder_vectors is not None:
+        expected = (prompt_config.decoder_length, model_config.d_model)
+        shape = None if decoder_vectors is None else np.shape(decoder_vectors)
+        if shape != expected:
+            raise ConfigError(f"decoder prompt vectors have shape {shape}, expected {expected} "
+                              f"(PromptConfig.decoder_length {prompt_config.decoder_length})")
+        arrays["decoder_vectors"] = np.asarray(decoder_vectors, np.float32)
     meta = {"format": FORMAT, "placement": prompt_config.placements()[task], "mask": prompt_config.mask,
             "prompt_config": prompt_config.to_dict(), "task": task,
             "backbone": {"config": backbone_description(model_config), "fingerprint": fingerprint}}
     buffer = io.BytesIO()
-    np.savez(buffer, vectors=vectors, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    np.savez(buffer, **arrays, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     try:
@@ -110,6 +121,7 @@ def load_prompt(path) -> PromptFile:
     try:
         with np.load(p, allow_pickle=False) as data:
             vectors = np.asarray(data["vectors"], np.float32)
+            decoder = np.asarray(data["decoder_vectors"], np.float32) if "decoder_vectors" in data.files else None
             meta = json.loads(bytes(data["meta"]).decode("utf-8"))
     except (OSError, ValueError, KeyError, UnicodeDecodeError, EOFError) as err:
         raise CheckpointError(f"{str(p)!r} is not a readable prompt file: {err}") from None
@@ -120,7 +132,7 @@ def load_prompt(path) -> PromptFile:
         backbone = meta["backbone"]
         return PromptFile(vectors=vectors, placement=meta["placement"], mask=meta["mask"],
                           prompt_config=dict(meta["prompt_config"]), backbone_config=dict(backbone["config"]),
-                          fingerprint=str(backbone["fingerprint"]), source=str(p))
+                          fingerprint=str(backbone["fingerprint"]), source=str(p), decoder_vectors=decoder)
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{str(p)!r}: prompt file metadata lacks {err}") from None
 
@@ -134,9 +146,10 @@ def check_backbone(prompt: PromptFile, model_config, fingerprint: Optional[str])
     if differing:
         raise CheckpointError(f"prompt file {prompt.source!r} was tuned on another backbone: "
                               f"{', '.join(differing)}")
-    if prompt.vectors.ndim != 2 or prompt.vectors.shape[1] != model_config.d_model:
-        raise CheckpointError(f"prompt file {prompt.source!r} holds vectors of shape {prompt.vectors.shape}, "
-                              f"this backbone needs [N, {model_config.d_model}]")
+    for name, vectors in (("vectors", prompt.vectors), ("decoder vectors", prompt.decoder_vectors)):
+        if vectors is not None and (vectors.ndim != 2 or vectors.shape[1] != model_config.d_model):
+            raise CheckpointError(f"prompt file {prompt.source!r} holds {name} of shape {vectors.shape}, "
+                                  f"this backbone needs [N, {model_config.d_model}]")
     if fingerprint is not None and prompt.fingerprint != fingerprint:
         raise CheckpointError(f"prompt file {prompt.source!r} was tuned on another backbone: its parameter "
                               f"fingerprint {prompt.fingerprint[:12]} differs from this checkpoint's {fingerprint[:12]}")
@@ -144,28 +157,41 @@ def check_backbone(prompt: PromptFile, model_config, fingerprint: Optional[str])
 
 def prompt_config_for(files: Sequence[PromptFile], base: Optional[PromptConfig] = None) -> PromptConfig:
     """The PromptConfig serving `files` as tasks 0..T-1 (each its own placement); they must
-    share length and mask (one table, one encoder mask variant)."""
+    share length, decoder prompt length and mask (one table each, one encoder mask variant)."""
     if not files:
         raise ConfigError("no prompt files given")
-    lengths = {f.vectors.shape[0] for f in files}
+    lengths = {(f.vectors.shape[0], _decoder_length(f)) for f in files}
     masks = {f.mask for f in files}
     if len(lengths) > 1 or len(masks) > 1:
-        raise ConfigError(f"prompt files {[f.source for f in files]} differ in length {sorted(lengths)} or mask "
-                          f"{sorted(masks)}; one batch serves prompts of one length and mask")
+        raise ConfigError(f"prompt files {[f.source for f in files]} differ in (length, decoder length) "
+                          f"{sorted(lengths)} or mask {sorted(masks)}; one batch serves prompts of one length and mask")
     fields = dict(base.to_dict()) if base is not None else dict(files[0].prompt_config)
-    fields.update(length=lengths.pop(), num_tasks=len(files), placement=[f.placement for f in files],
-                  mask=masks.pop(), init="normal", init_file="")
+    length, decoder_length = lengths.pop()
+    fields.update(length=length, decoder_length=decoder_length, num_tasks=len(files),
+                  placement=[f.placement for f in files], mask=masks.pop(), init="normal", init_file="")
     return PromptConfig.from_dict(fields)
+
+
+def _decoder_length(f: PromptFile) -> int:
+    return 0 if f.decoder_vectors is None else f.decoder_vectors.shape[0]
 
 
 def table_of(files: Sequence[PromptFile]) -> np.ndarray:
     return np.stack([f.vectors for f in files]).astype(np.float32)
 
 
-def with_table(params: Mapping, table) -> dict:
-    """params with `prompt/table` set (a new dict; the backbone leaves are shared)."""
+def decoder_table_of(files: Sequence[PromptFile]) -> Optional[np.ndarray]:
+    """The files' decoder prompts as one [tasks, M, d_model] table (None without)."""
+    if any(f.decoder_vectors is None for f in files):
+        return None
+    return np.stack([f.decoder_vectors for f in files]).astype(np.float32)
+
+
+def with_table(params: Mapping, table, decoder_table=None) -> dict:
+    """params with `prompt/table` (and `prompt/decoder_table`) set (a new dict; the backbone
+    leaves are shared)."""
     out = dict(params)
-    out[PROMPT_PREFIX] = {"table": table}
+    out[PROMPT_PREFIX] = {"table": table} if decoder_table is None else {"table": table, "decoder_table": decoder_table}
     return out
 
 
@@ -178,10 +204,13 @@ def save_tuned_prompts(params, model_config, directory, *, task_names: Optional[
     if config is None:
         raise ConfigError("the model has no prompt (ModelConfig.prompt is None)")
     table = np.asarray(jax.device_get(params[PROMPT_PREFIX]["table"]), np.float32)
+    decoder = params[PROMPT_PREFIX].get("decoder_table") if config.decoder_length else None
+    decoder = None if decoder is None else np.asarray(jax.device_get(decoder), np.float32)
     names = list(task_names) if task_names else [f"task{t}" for t in range(config.num_tasks)]
     if len(names) != config.num_tasks:
         raise ConfigError(f"{len(names)} task names for {config.num_tasks} prompt tasks")
     fingerprint = backbone_fingerprint(params) if fingerprint is None else fingerprint
     return [save_prompt(pathlib.Path(directory) / f"{name}.prompt.npz", table[t], prompt_config=config, task=t,
-                        model_config=model_config, fingerprint=fingerprint, overwrite=overwrite)
+                        model_config=model_config, fingerprint=fingerprint, overwrite=overwrite,
+                        decoder_vectors=None if decoder is None else decoder[t])
             for t, name in enumerate(names)]

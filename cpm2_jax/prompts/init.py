@@ -1,4 +1,4 @@
-"""Initial prompt vectors, read from the (restored) backbone's token embedding.
+"""Initial prompt vectors (encoder and decoder prompts), read from the backbone's token embedding.
 
 CPM2_FACTS "Prompt tuning": initialised from the embedding of the mask token, or sampled
 from vocabulary rows; also the embedding of a text (repeated to fill N), or a prompt file.
@@ -53,8 +53,19 @@ def initial_table(params: Mapping, model_config, *, vocabulary=None, fingerprint
                   ) -> Optional[np.ndarray]:
     """[num_tasks, N, d_model] float32 initial prompt from the backbone in `params`, or None
     for init='normal' (keep the table's own initialisation)."""
+    tables = initial_tables(params, model_config, vocabulary=vocabulary, fingerprint=fingerprint)
+    return None if tables is None else tables["table"]
+
+
+def initial_tables(params: Mapping, model_config, *, vocabulary=None, fingerprint: Optional[str] = None
+                   ) -> Optional[dict]:
+    """{"table": [num_tasks, N, d_model], and with a decoder prompt "decoder_table":
+    [num_tasks, M, d_model]} float32, both from the same initialiser (the decoder rows of
+    'vocab' are drawn after the encoder rows, of 'text' the text repeated to M, of 'file' the
+    file's decoder vectors); None for init='normal'."""
     p = model_config.prompt
-    shape = (p.num_tasks, p.length, model_config.d_model)
+    lengths = {"table": p.length, **({"decoder_table": p.decoder_length} if p.decoder_length else {})}
+    shapes = {k: (p.num_tasks, n, model_config.d_model) for k, n in lengths.items()}
     if p.init == "normal":
         return None
     if p.init == "file":
@@ -62,43 +73,57 @@ def initial_table(params: Mapping, model_config, *, vocabulary=None, fingerprint
 
         loaded = files.load_prompt(p.init_file)
         files.check_backbone(loaded, model_config, fingerprint)
-        if loaded.vectors.shape != shape[1:]:
-            raise ConfigError(f"prompt file {loaded.source!r} holds {loaded.vectors.shape[0]} vectors, "
-                              f"PromptConfig.length is {p.length}")
-        return np.broadcast_to(loaded.vectors, shape).copy()
+        found = {"table": loaded.vectors, "decoder_table": loaded.decoder_vectors}
+        out = {}
+        for key, shape in shapes.items():
+            vectors = found[key]
+            if vectors is None or vectors.shape != shape[1:]:
+                what = "vectors" if key == "table" else "decoder vectors"
+                field = "length" if key == "table" else "decoder_length"
+                count = 0 if vectors is None else vectors.shape[0]
+                raise ConfigError(f"prompt file {loaded.source!r} holds {count} {what}, "
+                                  f"PromptConfig.{field} is {lengths[key]}")
+            out[key] = np.broadcast_to(vectors, shape).copy()
+        return out
     embedding = _embedding(params)
     vocab = embedding.shape[0]
     if p.init == "token":
         token = p.init_token if p.init_token >= 0 else vocab - 1
         if not 0 <= token < vocab:
             raise ConfigError(f"PromptConfig.init_token {p.init_token} is outside the vocabulary [0, {vocab})")
-        return np.broadcast_to(embedding[token], shape).copy()
+        return {k: np.broadcast_to(embedding[token], shape).copy() for k, shape in shapes.items()}
     if p.init == "vocab":
         high = min(vocab, SAMPLE_POPULATION)
-        ids = np.random.default_rng(p.init_seed).integers(min(FIRST_REGULAR_ID, high - 1), high, size=shape[:2])
-        return embedding[ids]
+        rng = np.random.default_rng(p.init_seed)
+        return {k: embedding[rng.integers(min(FIRST_REGULAR_ID, high - 1), high, size=shape[:2])]
+                for k, shape in shapes.items()}
     if p.init == "text":
         ids = text_ids(p.init_text, vocabulary)
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ConfigError(f"PromptConfig.init_text has token id {bad[0]} outside the vocabulary [0, {vocab})")
-        return np.broadcast_to(_tile(embedding[np.asarray(ids)], p.length), shape).copy()
+        rows = embedding[np.asarray(ids)]
+        return {k: np.broadcast_to(_tile(rows, shape[1]), shape).copy() for k, shape in shapes.items()}
     raise ConfigError(f"unknown PromptConfig.init {p.init!r}")
 
 
 def initialize(params: Mapping, model_config, *, vocabulary=None, fingerprint: Optional[str] = None) -> dict:
-    """params with `prompt/table` set by the configured initialiser (in the table's sharding)."""
+    """params with `prompt/table` (and `prompt/decoder_table`) set by the configured
+    initialiser (each in its sharding)."""
     import jax
 
-    table = initial_table(params, model_config, vocabulary=vocabulary, fingerprint=fingerprint)
-    if table is None:
+    tables = initial_tables(params, model_config, vocabulary=vocabulary, fingerprint=fingerprint)
+    if tables is None:
         return dict(params)
-    old = params["prompt"]["table"]
-    new = jax.numpy.asarray(table, old.dtype)
-    if getattr(old, "sharding", None) is not None:
-        new = jax.device_put(new, old.sharding)
+    prompt = dict(params["prompt"])
+    for key, table in tables.items():
+        old = prompt[key]
+        new = jax.numpy.asarray(table, old.dtype)
+        if getattr(old, "sharding", None) is not None:
+            new = jax.device_put(new, old.sharding)
+        prompt[key] = new
     out = dict(params)
-    out["prompt"] = {"table": new}
+    out["prompt"] = prompt
     return out
 
 
@@ -113,5 +138,6 @@ def after_restore(params: Mapping, plan: Mapping[str, Optional[str]], model_conf
     if log is not None:
         what = {"token": f"token {p.init_token}", "vocab": f"vocabulary rows (seed {p.init_seed})",
                 "text": "a text", "file": repr(p.init_file), "normal": "normal(0, init_std)"}[p.init]
-        log(f"prompt: {p.num_tasks} x {p.length} vectors initialised from {what}")
+        decoder = f" (+ {p.decoder_length} decoder vectors)" if p.decoder_length else ""
+        log(f"prompt: {p.num_tasks} x {p.length} vectors{decoder} initialised from {what}")
     return params

@@ -4,6 +4,8 @@ One float32 table [num_tasks, N, d_model] (path `prompt/table`): each example ta
 of its `task_index`, so one batch serves many tuned tasks over one frozen backbone. The
 table stays float32 whatever the backbone's `param_dtype` (a bfloat16 frozen backbone with a
 float32 trainable prompt); it is cast to the compute dtype where it joins the embeddings.
+With `PromptConfig.decoder_length` > 0 a second table [num_tasks, M, d_model]
+(`prompt/decoder_table`) holds the decoder prompts, selected by the same `task_index`.
 """
 from __future__ import annotations
 
@@ -23,17 +25,24 @@ TABLE_AXES = (None, None, "embed")  # replicated: N x d_model per task is tiny
 
 
 class PromptTable(nn.Module):
-    """[num_tasks, N, d_model] float32 prompt vectors; `__call__(task_index [B])` -> [B, N, d_model]."""
+    """[num_tasks, N, d_model] float32 prompt vectors; `__call__(task_index [B])` -> [B, N, d_model]
+    (`side="decoder"`: the decoder prompt rows [B, M, d_model] of `decoder_table`)."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, task_index: jax.Array) -> jax.Array:
+    def __call__(self, task_index: jax.Array, side: str = "encoder") -> jax.Array:
         c, p = self.config, self.config.prompt
-        table = self.param("table", nn.with_logical_partitioning(normal_init(c.init_std), TABLE_AXES),
-                           (p.num_tasks, p.length, c.d_model), jnp.float32)
+        init = nn.with_logical_partitioning(normal_init(c.init_std), TABLE_AXES)
+        # "table" is created first, so its initial values do not depend on a decoder prompt.
+        tables = {"encoder": self.param("table", init, (p.num_tasks, p.length, c.d_model), jnp.float32)}
+        if p.decoder_length:
+            tables["decoder"] = self.param("decoder_table", init, (p.num_tasks, p.decoder_length, c.d_model),
+                                           jnp.float32)
+        if side not in tables:
+            raise ConfigError(f"the prompt has no {side} table (PromptConfig.decoder_length = {p.decoder_length})")
         # Out-of-range indices are refused on the host (placement.check_batch); clip in-graph.
-        return jnp.take(table, jnp.clip(task_index, 0, p.num_tasks - 1), axis=0)
+        return jnp.take(tables[side], jnp.clip(task_index, 0, p.num_tasks - 1), axis=0)
 
 
 def padded_length(config: ModelConfig, length: int) -> int:

@@ -29,7 +29,8 @@ def attach_prompts(params, config, prompt_paths: Sequence[str]):
     for f in loaded:
         files.check_backbone(f, config, fingerprint)
     config = config.replace(prompt=files.prompt_config_for(loaded, config.prompt))
-    return files.with_table(params, files.table_of(loaded)), config, [task_name(p) for p in prompt_paths]
+    params = files.with_table(params, files.table_of(loaded), files.decoder_table_of(loaded))
+    return params, config, [task_name(p) for p in prompt_paths]
 
 
 def task_index_of(value: Any, names: Sequence[str], num_tasks: int, where: str) -> int:

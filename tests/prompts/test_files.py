@@ -1,5 +1,7 @@
 """Prompt files: round trip, the backbone fingerprint, and refusals (another backbone, bad file);
 the initialisers read the backbone's embedding."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -10,27 +12,30 @@ from cpm2_jax.errors import CheckpointError, ConfigError
 from cpm2_jax.model import EncoderDecoder
 from cpm2_jax.prompts import PromptConfig, files, init
 
-PROMPT = PromptConfig(length=3, num_tasks=2, placement=("front", "front:1+middle:2"), mask="text_blind")
-CONFIG = get_config("tiny", vocab_size=64, prompt=PROMPT)
+PROMPT = PromptConfig(length=3, num_tasks=2, placement=("front", "front:1+middle:2"), mask="text_blind",
+                      decoder_length=2)
+CONFIG = get_config("tiny", vocab_size=64, prompt=PROMPT, num_encoder_layers=1, num_decoder_layers=1)
 
 
 @pytest.fixture(scope="module")
 def params():
     ones = np.ones((1, 4), np.int32)
-    return nn.unbox(EncoderDecoder(CONFIG).init(jax.random.PRNGKey(0), ones, ones)["params"])
+    return nn.unbox(jax.jit(EncoderDecoder(CONFIG).init)(jax.random.PRNGKey(0), ones, ones)["params"])
 
 
 def test_round_trip_keeps_vectors_placement_and_backbone(params, tmp_path):
     paths = files.save_tuned_prompts(params, CONFIG, tmp_path, task_names=["lcqmc", "math"])
     assert [p.name for p in paths] == ["lcqmc.prompt.npz", "math.prompt.npz"]
     loaded = [files.load_prompt(p) for p in paths]
-    table = np.asarray(params["prompt"]["table"])
+    table, decoder_table = (np.asarray(params["prompt"][k]) for k in ("table", "decoder_table"))
     for t, f in enumerate(loaded):
-        assert np.array_equal(f.vectors, table[t])
+        assert np.array_equal(f.vectors, table[t]) and np.array_equal(f.decoder_vectors, decoder_table[t])
         files.check_backbone(f, CONFIG, files.backbone_fingerprint(params))
     served = files.prompt_config_for(loaded)
     assert served.placements() == ("front", "front:1+middle:2") and served.mask == "text_blind"
+    assert served.decoder_length == 2
     assert np.array_equal(files.table_of(loaded), table)
+    assert np.array_equal(files.decoder_table_of(loaded), decoder_table)
     assert paths[0].stat().st_size < 10_000
     with pytest.raises(ConfigError, match="exists"):  # never overwritten silently
         files.save_tuned_prompts(params, CONFIG, tmp_path, task_names=["lcqmc", "math"])
@@ -40,7 +45,7 @@ def test_fingerprint_ignores_prompt_and_storage_dtype_but_not_weights(params):
     base = files.backbone_fingerprint(params)
     as_bf16 = jax.tree_util.tree_map(lambda x: x.astype("bfloat16"), params)
     assert files.backbone_fingerprint(as_bf16) == base
-    other_prompt = files.with_table(params, params["prompt"]["table"] + 1)
+    other_prompt = files.with_table(params, params["prompt"]["table"] + 1, params["prompt"]["decoder_table"] + 1)
     assert files.backbone_fingerprint(other_prompt) == base
     changed = dict(params, token_embedder={"embedding": params["token_embedder"]["embedding"] * 2})
     assert files.backbone_fingerprint(changed) != base
@@ -60,22 +65,32 @@ def test_prompt_for_another_backbone_is_one_clear_error(params, tmp_path):
         files.load_prompt(bad)
     with pytest.raises(CheckpointError, match="does not exist"):
         files.load_prompt(tmp_path / "missing.npz")
+    # Served together, prompts must share one decoder prompt length (one decoder table).
+    encoder_only = dataclasses.replace(loaded, decoder_vectors=None)
+    with pytest.raises(ConfigError, match=r"differ in \(length, decoder length\) \[\(3, 0\), \(3, 2\)\]"):
+        files.prompt_config_for([loaded, encoder_only])
 
 
 def test_initialisers_read_the_backbone_embedding(params, tmp_path):
     emb = np.asarray(params["token_embedder"]["embedding"])
-    def table(**fields):
+    def table(name="table", **fields):
         config = CONFIG.replace(prompt=PromptConfig(**{**PROMPT.to_dict(), **fields}))
-        return np.asarray(init.initialize(params, config)["prompt"]["table"])
+        return np.asarray(init.initialize(params, config)["prompt"][name])
 
     assert np.array_equal(table(init="token"), np.broadcast_to(emb[63], (2, 3, emb.shape[1])))  # last id
     assert np.array_equal(table(init="token", init_token=7)[1, 2], emb[7])
     assert np.array_equal(table(init="text", init_text=[9, 10])[0], emb[[9, 10, 9]])
+    assert np.array_equal(table("decoder_table", init="text", init_text=[9, 10, 11])[1], emb[[9, 10]])
+    assert np.array_equal(table("decoder_table", init="token", init_token=7)[0, 1], emb[7])
     sampled = table(init="vocab", init_seed=1)
     rows = {tuple(r) for r in emb[3:]}
     assert all(tuple(v) in rows for v in sampled.reshape(-1, emb.shape[1]))
     assert not np.array_equal(sampled[0, 0], sampled[0, 1]) or not np.array_equal(sampled[0, 1], sampled[1, 0])
     path, = files.save_tuned_prompts(params, CONFIG, tmp_path, task_names=["a", "b"])[:1]
     assert np.array_equal(table(init="file", init_file=str(path))[1], np.asarray(params["prompt"]["table"][0]))
+    assert np.array_equal(table("decoder_table", init="file", init_file=str(path))[1],
+                          np.asarray(params["prompt"]["decoder_table"][0]))
+    with pytest.raises(ConfigError, match="holds 2 decoder vectors, PromptConfig.decoder_length is 3"):
+        table(init="file", init_file=str(path), decoder_length=3)
     with pytest.raises(ConfigError, match="init_token 99 is outside the vocabulary"):
         table(init="token", init_token=99)

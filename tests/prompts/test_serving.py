@@ -13,7 +13,8 @@ from cpm2_jax.config import get_config
 from cpm2_jax.model import EncoderDecoder
 from cpm2_jax.prompts import PromptConfig, files
 
-PROMPT = PromptConfig(length=3, num_tasks=2, placement=("front", "front:1+middle:2"), init="normal")
+PROMPT = PromptConfig(length=3, num_tasks=2, placement=("front", "front:1+middle:2"), init="normal",
+                      decoder_length=2)  # each file also holds its task's decoder prompt
 BACKBONE = get_config("tiny", vocab_size=64, init_std=0.3, num_encoder_layers=1, num_decoder_layers=1)
 TUNED = BACKBONE.replace(prompt=PROMPT)
 MAX_NEW = 4

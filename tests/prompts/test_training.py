@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from cpm2_jax import checkpoints as ckpt_lib
+from cpm2_jax import optim
 from cpm2_jax.config import get_config
 from cpm2_jax.errors import DataError
 from cpm2_jax.optim import OptimizerConfig
@@ -13,7 +14,8 @@ from cpm2_jax.prompts import PromptConfig
 from cpm2_jax.prompts.config import BACKBONE_PATTERN
 from cpm2_jax.trainer import Trainer, TrainerConfig
 
-PROMPT = PromptConfig(length=4, num_tasks=2, placement=("front", "front:1+middle:1+back:2"), init="normal")
+PROMPT = PromptConfig(length=4, num_tasks=2, placement=("front", "front:1+middle:1+back:2"), init="normal",
+                      decoder_length=2)
 TUNE = get_config("tiny", vocab_size=64, prompt=PROMPT, param_dtype="bfloat16", num_encoder_layers=1,
                   num_decoder_layers=1)
 ADAM = OptimizerConfig(learning_rate=5e-3, schedule="constant", weight_decay=0.0)
@@ -57,15 +59,17 @@ def tuned(tmp_path_factory):
 def test_backbone_bit_identical_and_optimizer_state_prompt_only(tuned):
     trainer, before, state, _ = tuned
     after = _flat(state.params)
+    assert {"prompt/table", "prompt/decoder_table"} <= set(after)
     for name, value in after.items():
-        if name == "prompt/table":
-            assert value.dtype == np.float32 and not np.array_equal(value, before[name])
+        if name.startswith("prompt/"):  # the encoder and decoder prompts train
+            assert value.dtype == np.float32 and not np.array_equal(value, before[name]), name
         else:
             assert value.dtype == before[name].dtype == jax.numpy.bfloat16, name  # bf16 storage
             assert value.tobytes() == before[name].tobytes(), name
     shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(state.opt_state)}
-    assert shapes <= {(), (2, 4, TUNE.d_model)}, shapes  # AdamW moments of the prompt + counters
-    assert (2, 4, TUNE.d_model) in shapes
+    prompts = {(2, 4, TUNE.d_model), (2, 2, TUNE.d_model)}
+    assert shapes <= {()} | prompts, shapes  # AdamW moments of the prompt tables + counters
+    assert prompts <= shapes
 
 
 def test_bad_batches_are_refused_before_compiling(tuned):
@@ -81,6 +85,9 @@ def test_bad_batches_are_refused_before_compiling(tuned):
 
 @pytest.mark.parametrize("trainable", [None, [BACKBONE_PATTERN]], ids=["prompt_trainable", "prompt_fixed"])
 def test_two_stage_starts_from_the_tuned_prompt(tuned, trainable):
+    """Stage 2 (full fine-tuning) restores the tuned prompt tables; with the prompt trainable a
+    step moves them and the backbone. With the prompt fixed, the trainable mask is every
+    backbone parameter and no prompt one (the step itself is stage 1's, masked the other way)."""
     _, _, stage1, directory = tuned
     config = TUNE.replace(param_dtype="float32")
     trainer = Trainer(config, TrainerConfig(optimizer=ADAM, trainable=trainable), make_mesh({"data": 2}),
@@ -88,11 +95,15 @@ def test_two_stage_starts_from_the_tuned_prompt(tuned, trainable):
     # Everything loads from stage 1 (nothing is initialised fresh).
     params, plan = ckpt_lib.restore_partial(directory, trainer.abstract_params(), lambda names: {},
                                             fallback_to_scratch=False)
-    assert plan["prompt/table"] == "prompt/table"
-    tuned_prompt = np.asarray(stage1.params["prompt"]["table"])
-    assert np.array_equal(np.asarray(params["prompt"]["table"]), tuned_prompt)
+    assert plan["prompt/table"] == "prompt/table" and plan["prompt/decoder_table"] == "prompt/decoder_table"
+    for name in ("table", "decoder_table"):
+        assert np.array_equal(np.asarray(params["prompt"][name]), np.asarray(stage1.params["prompt"][name]))
+    if trainable is not None:
+        mask = _flat(optim.trainable_mask(params, trainable))
+        assert all(selected == (not name.startswith("prompt/")) for name, selected in mask.items()), mask
+        return
     state, _ = trainer.train_step(trainer.state_from_params(params), trainer.shard_batch(_batch()))
-    moved = not np.array_equal(np.asarray(state.params["prompt"]["table"]), tuned_prompt)
-    assert moved == (trainable is None)
+    for name in ("table", "decoder_table"):
+        assert not np.array_equal(np.asarray(state.params["prompt"][name]), np.asarray(stage1.params["prompt"][name]))
     emb_before = np.asarray(stage1.params["token_embedder"]["embedding"], np.float32)
     assert not np.array_equal(np.asarray(state.params["token_embedder"]["embedding"]), emb_before)
