@@ -16,3 +16,13 @@ def test_majority_counts_label_rows_only():
     batch = {"decoder_target_tokens": np.array([[299, 1], [2856, 1], [299, 1], [0, 0]])}
     assert pt.majority([batch]) == (2 / 3, 3)  # the padding row is no example
 
+
+
+def test_pair_summary_compares_middle_with_front_and_back():
+    arm = lambda best, good: {"best_metric": best, "beats_chance": good}  # noqa: E731
+    pair = {"full": arm(0.9, True), "front": arm(0.52, False), "middle": arm(0.6, True), "back": arm(0.55, True),
+            "front+middle+back": arm(0.58, True)}
+    out = pt.pair_summary(pair, 0.01)
+    assert out["best_placement"] == "middle" and out["middle_beats_front_and_back"]
+    assert out["middle_margin_over_front_and_back"] == 0.05 and out["any_prompt_beats_chance"]
+    assert out["difference_standard_error"] == round(2 ** 0.5 * 0.01, 4)
