@@ -311,6 +311,8 @@ def _train(*, model_config, train_dataset_cfg, model_dir: pathlib.Path, train_st
         flush()
         final_step = int(jax.device_get(state.step))
         ckpts.save(state, data_state=batches.state(), config=record)
+        if model_config.prompt is not None:
+            write_prompt_files(state.params, model_config, model_dir, train_dataset_cfg, bar.write)
         if eval_dataset_cfg is not None and (not eval_period or final_step % eval_period or final_step == start):
             last_eval = run_eval(state.params, final_step)
         ckpts.wait()
@@ -326,6 +328,21 @@ def _train(*, model_config, train_dataset_cfg, model_dir: pathlib.Path, train_st
     return {"step": final_step, "train": last_train, "validation": last_eval,
             "checkpoint": str(ckpts.step_dir(final_step)), "model_dir": str(model_dir),
             "start_step": start}
+
+
+def write_prompt_files(params, model_config: ModelConfig, model_dir: pathlib.Path,
+                       dataset_cfg: datasets.DatasetConfig, log) -> None:
+    """A prompt-tuned run ends with its prompts as files, `<model_dir>/prompts/<task>.prompt.npz`
+    (placement and backbone fingerprint inside: `cpm2 infer --prompt FILE`). Parameters sharded
+    over several processes are not gathered on one host: `cpm2 convert to-prompts` writes them
+    from the checkpoint."""
+    from cpm2_jax.prompts.files import save_run_prompts
+
+    if jax.process_count() > 1:
+        log(f"prompt files: run `cpm2 convert to-prompts {model_dir} {model_dir / 'prompts'}` on one host")
+        return
+    for path in save_run_prompts(params, model_config, model_dir / "prompts", dataset_cfg.mixture_or_task_name):
+        log(f"prompt file {path}")
 
 
 def _close(source) -> None:

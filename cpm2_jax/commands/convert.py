@@ -19,7 +19,7 @@ import json
 
 # Modules adding more `cpm2 convert X` sub-commands; each defines `register(subparsers)`.
 _CONVERSION_MODULES: list[str] = ["cpm2_jax.commands.dense_to_moe", "cpm2_jax.commands.extend_vocab",
-                                   "cpm2_jax.commands.foreign_checkpoints"]
+                                   "cpm2_jax.commands.foreign_checkpoints", "cpm2_jax.commands.export_prompts"]
 
 
 def register(subparsers) -> None:

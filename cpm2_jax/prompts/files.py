@@ -214,3 +214,36 @@ def save_tuned_prompts(params, model_config, directory, *, task_names: Optional[
                         model_config=model_config, fingerprint=fingerprint, overwrite=overwrite,
                         decoder_vectors=None if decoder is None else decoder[t])
             for t, name in enumerate(names)]
+
+
+def run_task_names(mixture_or_task_name: Optional[str], num_tasks: int) -> list[str]:
+    """File names for a run's prompt rows: row k serves the mixture's k-th task (seqio's
+    order, as training and `cpm2 eval` assign rows), one task names its single row, and a
+    row no task of the run uses is `task<k>`."""
+    names: list[str] = []
+    if mixture_or_task_name:
+        import seqio
+
+        from cpm2_jax.tasks.pipeline import get_provider
+
+        try:
+            provider = get_provider(mixture_or_task_name)
+        except (ConfigError, ValueError):  # a run's task no longer registered: rows keep their numbers
+            provider = None
+        if isinstance(provider, seqio.Mixture):
+            names = [task.name for task in provider.tasks]
+        elif provider is not None:
+            names = [provider.name]
+    names = names[:num_tasks]
+    return names + [f"task{k}" for k in range(len(names), num_tasks)]
+
+
+def save_run_prompts(params, model_config, directory, mixture_or_task_name: Optional[str]) -> list[pathlib.Path]:
+    """A prompt-tuned run's prompts as `<directory>/<task>.prompt.npz` (replacing the run's
+    own earlier files), ready for `cpm2 infer --prompt`. A file-system error is one line."""
+    names = run_task_names(mixture_or_task_name, model_config.prompt.num_tasks)
+    try:
+        return save_tuned_prompts(params, model_config, directory, task_names=names, overwrite=True)
+    except OSError as err:
+        raise CheckpointError(f"cannot write prompt files to {str(directory)!r}: {err.strerror or err}") from None
+

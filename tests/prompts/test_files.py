@@ -1,6 +1,8 @@
 """Prompt files: round trip, the backbone fingerprint, and refusals (another backbone, bad file);
 the initialisers read the backbone's embedding."""
 import dataclasses
+import json
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -94,3 +96,75 @@ def test_initialisers_read_the_backbone_embedding(params, tmp_path):
         table(init="file", init_file=str(path), decoder_length=3)
     with pytest.raises(ConfigError, match="init_token 99 is outside the vocabulary"):
         table(init="token", init_token=99)
+
+
+@pytest.fixture(scope="module")
+def pair_mixture(shared_data):
+    """A registered two-task mixture: poem_next_line (row 0), translation_match (row 1)."""
+    import seqio
+    from cpm2_jax.tasks import pipeline
+
+    pipeline.get_provider("poem_next_line"), pipeline.get_provider("translation_match")
+    if "prompt_files_pair" not in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.add("prompt_files_pair", [("poem_next_line", 1.0), ("translation_match", 1.0)])
+    return "prompt_files_pair"
+
+
+def test_run_task_names_follow_the_rows_training_assigns(pair_mixture):
+    assert files.run_task_names(pair_mixture, 2) == ["poem_next_line", "translation_match"]
+    assert files.run_task_names(pair_mixture, 3) == ["poem_next_line", "translation_match", "task2"]
+    assert files.run_task_names("translation_match", 1) == ["translation_match"]
+    assert files.run_task_names("no_such_task", 2) == ["task0", "task1"]
+    assert files.run_task_names(None, 1) == ["task0"]
+
+
+def test_a_run_writes_and_replaces_its_prompt_files(params, tmp_path, pair_mixture):
+    first = files.save_run_prompts(params, CONFIG, tmp_path / "prompts", pair_mixture)
+    assert [p.name for p in first] == ["poem_next_line.prompt.npz", "translation_match.prompt.npz"]
+    later = files.with_table(params, params["prompt"]["table"] + 1, params["prompt"]["decoder_table"])
+    again = files.save_run_prompts(later, CONFIG, tmp_path / "prompts", pair_mixture)  # the run's own files
+    assert again == first
+    assert np.array_equal(files.load_prompt(again[1]).vectors, np.asarray(params["prompt"]["table"][1]) + 1)
+    (tmp_path / "blocked").write_text("a file where the directory should be")
+    with pytest.raises(CheckpointError, match="cannot write prompt files to .*blocked"):
+        files.save_run_prompts(params, CONFIG, tmp_path / "blocked", pair_mixture)
+
+
+def test_convert_to_prompts_writes_a_checkpoints_prompts(params, tmp_path, capsys, pair_mixture):
+    from cpm2_jax import checkpoints as ckpt_lib
+    from cpm2_jax import cli
+    from cpm2_jax.trainer import Trainer, TrainerConfig
+    from cpm2_jax.partitioning import make_mesh
+
+    trainer = Trainer(CONFIG, TrainerConfig(), make_mesh({"data": 1}))
+    run = tmp_path / "run"
+    ckpts = ckpt_lib.Checkpoints(run / "checkpoints")
+    record = ckpt_lib.config_record(CONFIG, extra={"train_dataset": {"mixture_or_task_name": pair_mixture}})
+    ckpts.save(trainer.state_from_params(params), data_state={"step": 0}, config=record)
+    ckpts.close()
+
+    assert cli.main(["convert", "to-prompts", str(run), str(tmp_path / "out")]) == 0
+    written = [pathlib.Path(p) for p in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["files"]]
+    assert [p.name for p in written] == ["poem_next_line.prompt.npz", "translation_match.prompt.npz"]
+    for t, path in enumerate(written):
+        loaded = files.load_prompt(path)
+        assert np.array_equal(loaded.vectors, np.asarray(params["prompt"]["table"][t]))
+        assert loaded.placement == PROMPT.placements()[t]
+        files.check_backbone(loaded, CONFIG, files.backbone_fingerprint(params))
+
+    assert cli.main(["convert", "to-prompts", str(run), str(tmp_path / "named"), "--task_names", "a,b"]) == 0
+    assert sorted(p.name for p in (tmp_path / "named").iterdir()) == ["a.prompt.npz", "b.prompt.npz"]
+    capsys.readouterr()
+    assert cli.main(["convert", "to-prompts", str(run), str(tmp_path / "three"), "--task_names", "a,b,c"]) == 2
+    assert "--task_names gives 3 names; the prompt table has 2 row(s)" in capsys.readouterr().err
+    assert cli.main(["convert", "to-prompts", str(run), str(tmp_path / "out")]) == 2  # never overwritten
+    assert "is not empty" in capsys.readouterr().err
+    dense = tmp_path / "dense"
+    ckpts = ckpt_lib.Checkpoints(dense / "checkpoints")
+    backbone = {k: v for k, v in params.items() if k != "prompt"}
+    plain = CONFIG.replace(prompt=None)
+    ckpts.save(Trainer(plain, TrainerConfig(), make_mesh({"data": 1})).state_from_params(backbone),
+               data_state={"step": 0}, config=ckpt_lib.config_record(plain))
+    ckpts.close()
+    assert cli.main(["convert", "to-prompts", str(dense), str(tmp_path / "none")]) == 2
+    assert "has no prompt table" in capsys.readouterr().err
