@@ -227,13 +227,21 @@ class OffloadRunner:
         self.cost = cost or self.calibrate()
 
     # ------------------------------------------------------------------ threads
-    def _arrive(self, buf: jax.Array) -> jax.Array:
+    def _arrive(self, buf: jax.Array, wait: bool = True) -> jax.Array:
         """A transferred expert as its slot keeps it: int8 dequantised on the device, once (the
-        transferred buffer then deleted: the paced link reuses its staging memory)."""
+        transferred buffer then deleted: the paced link reuses its staging memory). With
+        `wait=False` (the transfer thread) the dequantisation is only dispatched: it runs in
+        the device's order, before the expert's computations that read it, and the release
+        thread deletes the int8 buffer once it is done - the link never waits for the device
+        (waiting there held the link behind every queued expert call: 0.1 GB/s of 2.2)."""
         if not self.options.int8:
             return buf
-        weights = _dequantise(buf, layout=self.store.layout, dtype=self.config.dtype).block_until_ready()
-        buf.delete()
+        weights = _dequantise(buf, layout=self.store.layout, dtype=self.config.dtype)
+        if wait:
+            weights.block_until_ready()
+            buf.delete()
+        else:
+            self._releases.put(("arrive", buf, weights, None))
         return weights
 
     def _now(self) -> float:
@@ -267,7 +275,7 @@ class OffloadRunner:
             ready = self.slots.reserve(key)
         buf = self.link.transfer(self.store.buffers[key[:2]][key[2]], ready=max(ready, requested))
         start, end = (t - self._t0 for t in self.link.last)
-        self.slots.fill(key, self._arrive(buf))
+        self.slots.fill(key, self._arrive(buf, wait=False))
         with self._lock:
             st = self.stats
             st.loads += 1
@@ -285,6 +293,9 @@ class OffloadRunner:
                 return
             kind, key, done, start = item
             done.block_until_ready()
+            if kind == "arrive":  # an int8 expert dequantised: its transferred buffer can go
+                key.delete()
+                continue
             end = self._now()
             if kind == "compute":
                 self.slots.unpin(key, keep=self.options.cache != "none" or self.all_resident)
