@@ -31,7 +31,7 @@ def run(args) -> int:
     from cpm2_jax.convert.atomic import check_writable
     from cpm2_jax.errors import ConfigError
     from cpm2_jax.infer import load_checkpoint
-    from cpm2_jax.prompts.files import run_task_names, save_tuned_prompts
+    from cpm2_jax.prompts.files import save_run_prompts
 
     check_writable(args.out_dir, args.overwrite)
     step_dir = layout.resolve(args.ckpt)
@@ -43,13 +43,10 @@ def run(args) -> int:
         names = [n.strip() for n in args.task_names.split(",")]
         if len(names) != rows or not all(names):
             raise ConfigError(f"--task_names gives {len(names)} names; the prompt table has {rows} row(s)")
+        mixture = None
     else:
-        dataset = layout.read_record(step_dir).get("train_dataset") or {}
-        names = run_task_names(dataset.get("mixture_or_task_name"), rows)
-    try:
-        paths = save_tuned_prompts(params, config, args.out_dir, task_names=names, overwrite=args.overwrite)
-    except OSError as err:
-        raise ConfigError(f"cannot write prompt files to {args.out_dir!r}: {err.strerror or err}") from None
+        names, mixture = None, (layout.read_record(step_dir).get("train_dataset") or {}).get("mixture_or_task_name")
+    paths = save_run_prompts(params, config, args.out_dir, mixture, names=names, overwrite=args.overwrite)
     print(json.dumps({"conversion": "to-prompts", "source": str(step_dir), "output": str(args.out_dir),
                       "files": [str(p) for p in paths], "prompt_length": config.prompt.length}))
     return 0

@@ -238,12 +238,14 @@ def run_task_names(mixture_or_task_name: Optional[str], num_tasks: int) -> list[
     return names + [f"task{k}" for k in range(len(names), num_tasks)]
 
 
-def save_run_prompts(params, model_config, directory, mixture_or_task_name: Optional[str]) -> list[pathlib.Path]:
-    """A prompt-tuned run's prompts as `<directory>/<task>.prompt.npz` (replacing the run's
-    own earlier files), ready for `cpm2 infer --prompt`. A file-system error is one line."""
-    names = run_task_names(mixture_or_task_name, model_config.prompt.num_tasks)
+def save_run_prompts(params, model_config, directory, mixture_or_task_name: Optional[str], *,
+                     names: Optional[Sequence[str]] = None, overwrite: bool = True) -> list[pathlib.Path]:
+    """A prompt-tuned run's prompts as `<directory>/<task>.prompt.npz` (by default replacing the
+    run's own earlier files; `names` default to `run_task_names`), ready for `cpm2 infer
+    --prompt`. A file-system error is one line."""
+    names = names or run_task_names(mixture_or_task_name, model_config.prompt.num_tasks)
     try:
-        return save_tuned_prompts(params, model_config, directory, task_names=names, overwrite=True)
+        return save_tuned_prompts(params, model_config, directory, task_names=names, overwrite=overwrite)
     except OSError as err:
         raise CheckpointError(f"cannot write prompt files to {str(directory)!r}: {err.strerror or err}") from None
 
