@@ -40,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cpm2_jax.tf_import import default_jax_platforms, quiet_tensorflow_import
+    from cpm2_jax.tf_import import default_jax_platforms, quiet_tensorflow_on_import
 
     default_jax_platforms()
-    quiet_tensorflow_import()
+    quiet_tensorflow_on_import()
     from cpm2_jax.gin_utils import split_gin_dot_flags
 
     parser = build_parser()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.abc
 import importlib.util
 import os
 import sys
@@ -52,6 +53,52 @@ def quiet_tensorflow_import() -> None:
             tf.config.set_visible_devices([], "GPU")
         except RuntimeError:  # TensorFlow's runtime already started: its devices are fixed
             pass
+
+
+class _QuietLoader:
+    """TensorFlow's own loader, its module executed with fd 2 on /dev/null and its GPUs hidden."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        with _stderr_to_devnull():
+            self._loader.exec_module(module)
+            try:
+                module.config.set_visible_devices([], "GPU")
+            except (RuntimeError, AttributeError):
+                pass
+
+    def __getattr__(self, name):  # resource readers and the like: the real loader's
+        return getattr(self._loader, name)
+
+
+class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` as the other finders do (once; then it leaves sys.meta_path) and
+    hands its import to `_QuietLoader`."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "tensorflow":
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+def quiet_tensorflow_on_import() -> None:
+    """`quiet_tensorflow_import`'s effect, deferred to the moment something imports TensorFlow:
+    a command that never reads data (convert, offload on token ids, params, doctor) never pays
+    for it (importing TensorFlow is ~8 s of every `cpm2` start on a 2-core machine)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules or any(isinstance(f, _QuietTensorFlowFinder) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _QuietTensorFlowFinder())
 
 
 def _has_module(name: str) -> bool:
