@@ -15,8 +15,11 @@ Beyond InfMoE:
   experts of every layer stay);
 - prefetch of the next MoE layer's likely experts (the ones that layer has needed most often;
   its router's input is not known yet), only into free slots or (lfu) over a colder entry;
-- int8 transfer (per-column scales, dequantised on the device once, on arrival: the slot keeps
-  float32 weights, so computations and cache hits never repeat it);
+- int8 transfer (per-column scales, dequantised on the device once, at the expert's first
+  computation: the slot then keeps float32 weights, so computations and cache hits never
+  repeat it);
+- a float expert arrives as its weights, each its own array (on the CPU, views of the link's
+  staging buffer), so an expert call reads them in place;
 - host compute (`host_compute`): an expert that is not on the device and whose few tokens
   cost less on the host than moving its weights (calibrated: host time(n) < load time b) runs
   on the host (the CPU backend, reading the host buffer where it lies), its rows and output
@@ -31,6 +34,7 @@ import os
 import queue
 import threading
 import time
+import typing
 from typing import Optional
 
 import jax
@@ -42,7 +46,7 @@ from cpm2_jax.errors import ConfigError
 from cpm2_jax.offload import schedule as S
 from cpm2_jax.offload import split_moe
 from cpm2_jax.offload.stepped import STACKS, SteppedModel
-from cpm2_jax.offload.store import DeviceSlots, ExpertStore, Layout, Link, dequantise, device_layout, unpack
+from cpm2_jax.offload.store import DeviceSlots, Expert, ExpertStore, Layout, Link, dequantise, unpack
 
 SCHEDULES = ("infmoe", "inorder")
 CACHES = ("lru", "lfu", "none")
@@ -138,11 +142,10 @@ def split_experts(config: ModelConfig, params: dict) -> tuple[dict, dict]:
     return resident, experts
 
 
-@functools.partial(jax.jit, static_argnames=("tile", "activation", "dtype", "layout"), donate_argnums=(0,))
-def _packed_step(out, rows, offset, count, buffer, *, tile: int, activation: str, dtype: str, layout: Layout):
-    """One expert from its packed buffer (unpacked / dequantised here, on the device); returns
-    the updated output and a scalar that is ready when the computation is done."""
-    weights = unpack(buffer, layout, dtype_of(dtype))
+@functools.partial(jax.jit, static_argnames=("tile", "activation", "dtype"), donate_argnums=(0,))
+def _slot_step(out, rows, offset, count, weights, *, tile: int, activation: str, dtype: str):
+    """One expert from the weights its slot holds; returns the updated output and a scalar that
+    is ready when the computation is done."""
     out = split_moe.add_expert_output(out, rows, offset, count, weights, tile=tile, activation=activation,
                                       dtype=dtype_of(dtype))
     return out, out[0, 0]
@@ -158,6 +161,17 @@ def _packed_apply(window, buffer, *, activation: str, dtype: str, layout: Layout
 
 _add_rows = jax.jit(split_moe.add_rows, donate_argnums=(0,))  # a host-computed expert's output, on the device
 _dequantise = jax.jit(dequantise, static_argnames=("layout", "dtype"))
+
+
+class _Release(typing.NamedTuple):
+    """What the release thread waits for (`done`), then does by `kind`: "arrive" deletes
+    `item` (an int8 buffer dequantised); "compute" unpins `item` (an expert's key) and
+    records its span from `start`; "host" records a host-computed expert's span."""
+
+    kind: str
+    item: object
+    done: object
+    start: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +212,7 @@ class OffloadRunner:
         if store is not None and (store.int8 != options.int8 or store.device != self.device):
             raise ValueError("a shared expert store must have the runner's int8 setting and device")
         self.store = store or ExpertStore(config, experts, int8=options.int8, device=self.device)
-        self.layout = device_layout(self.store.layout, config.dtype)  # of the weights in the device slots
+        self._split = None if options.int8 else self.store.layout  # float experts arrive split into weights
         self.model = SteppedModel(config, jax.device_put(resident, self.device), moe_rows=self.moe_rows)
         self.order = self.model.moe_layers()
         # How often each layer has needed each expert (the lfu cache's score, prefetch's guess).
@@ -213,7 +227,7 @@ class OffloadRunner:
         for key in self.order if all_resident else ():
             for e, buf in enumerate(self.store.buffers[key]):
                 self.slots.reserve(key + (e,))
-                self.slots.fill(key + (e,), self._arrive(place.transfer(buf)))
+                self.slots.fill(key + (e,), self._arrive(place.transfer(buf, split=self._split)))
         self.link = Link(self.device, options.bandwidth)
         self.stats = Stats()
         self._prefetched: set = set()
@@ -227,22 +241,33 @@ class OffloadRunner:
         self.cost = cost or self.calibrate()
 
     # ------------------------------------------------------------------ threads
-    def _arrive(self, buf: jax.Array, wait: bool = True) -> jax.Array:
-        """A transferred expert as its slot keeps it: int8 dequantised on the device, once (the
+    def _arrive(self, buf, wait: bool = True) -> Expert:
+        """A transferred expert as its slot keeps it (`Expert`: its weights, each its own array;
+        a float expert arrives so): int8 dequantised on the device, once (the
         transferred buffer then deleted: the paced link reuses its staging memory). With
-        `wait=False` (the transfer thread) the dequantisation is only dispatched: it runs in
-        the device's order, before the expert's computations that read it, and the release
-        thread deletes the int8 buffer once it is done - the link never waits for the device
-        (waiting there held the link behind every queued expert call: 0.1 GB/s of 2.2)."""
+        `wait=False` (the main thread, at the expert's first computation) the dequantisation is
+        only dispatched: it runs in the device's order, before the expert's computations that
+        read it, and the release thread deletes the int8 buffer once it is done."""
         if not self.options.int8:
             return buf
-        weights = _dequantise(buf, layout=self.store.layout, dtype=self.config.dtype)
+        weights = Expert(_dequantise(buf, layout=self.store.layout, dtype=self.config.dtype))
         if wait:
             weights.block_until_ready()
             buf.delete()
         else:
-            self._releases.put(("arrive", buf, weights, None))
+            self._releases.put(_Release("arrive", buf, weights))
         return weights
+
+    def _weights(self, key) -> dict:
+        """The weights in `key`'s slot; an int8 expert just arrived is dequantised first (dispatched
+        by this thread, the one that dispatches its computation: the link's thread only copies -
+        a dispatch there waited for the GIL behind this thread's calls, and the link delivered a
+        quarter of its set rate)."""
+        entry = self.slots.get(key)
+        if not isinstance(entry, Expert):
+            entry = self._arrive(entry, wait=False)
+            self.slots.replace(key, entry)
+        return entry.weights
 
     def _now(self) -> float:
         return time.perf_counter() - self._t0
@@ -273,9 +298,9 @@ class OffloadRunner:
                 return
         else:
             ready = self.slots.reserve(key)
-        buf = self.link.transfer(self.store.buffers[key[:2]][key[2]], ready=max(ready, requested))
+        buf = self.link.transfer(self.store.buffers[key[:2]][key[2]], ready=max(ready, requested), split=self._split)
         start, end = (t - self._t0 for t in self.link.last)
-        self.slots.fill(key, self._arrive(buf, wait=False))
+        self.slots.fill(key, buf)  # int8: dequantised by the main thread when first computed (`_weights`)
         with self._lock:
             st = self.stats
             st.loads += 1
@@ -370,7 +395,7 @@ class OffloadRunner:
         if opts.prefetch:
             self._prefetch(stack, index, wanted=len(active))
         starts = split_moe.offsets(counts)
-        kw = dict(activation=c.ffn_activation, dtype=c.dtype, layout=self.layout)
+        kw = dict(activation=c.ffn_activation, dtype=c.dtype, layout=self.store.layout)  # the host's copy as stored
         if host:  # first: they need no load, so they hide the first one
             rows = np.asarray(routed.rows)
             for e in host:
@@ -378,23 +403,38 @@ class OffloadRunner:
                 tile = split_moe.bucket(n)
                 start = self._now()
                 window = jax.device_put(rows[lo:lo + tile], self.host)
-                y = _packed_apply(window, jax.device_put(self.store.buffers[layer][e], self.host),
-                                  **{**kw, "layout": self.store.layout})  # the host's copy as it is stored
+                y = _packed_apply(window, jax.device_put(self.store.buffers[layer][e], self.host), **kw)
                 out = _add_rows(out, jax.device_put(y, self.device), np.int32(lo), np.int32(n))
-                self._releases.put(("host", keys[e], y, start))
+                self._releases.put(_Release("host", keys[e], y, start))
         waited = 0.0
+        streamed = len(device) - len(cached)
+        # A computation frees its slot when it is done: while this layer still loads, the
+        # release thread sees each finish (a waiting load takes the slot at once); when every
+        # expert is on the device already, nothing waits for a slot, and the slots are released
+        # here once the layer is done (no thread hand-off per expert: decoding steps that hit
+        # the cache cost one core fewer context switches per expert).
+        inline = [] if streamed == 0 else None
         for e in order:
             event = self.slots.event(keys[e])
             t = time.perf_counter()
             event.wait()
             waited += time.perf_counter() - t
             n = int(counts[e])
-            out, done = _packed_step(out, routed.rows, np.int32(starts[e]), np.int32(n), self.slots.get(keys[e]),
-                                     tile=split_moe.bucket(n), **kw)
-            self._releases.put(("compute", keys[e], done, self._now()))
+            out, done = _slot_step(out, routed.rows, np.int32(starts[e]), np.int32(n), self._weights(keys[e]),
+                                   tile=split_moe.bucket(n), activation=c.ffn_activation, dtype=c.dtype)
+            if inline is None:
+                self._releases.put(_Release("compute", keys[e], done, self._now()))
+            else:
+                inline.append((keys[e], self._now()))
         out.block_until_ready()
         elapsed = time.perf_counter() - begin
-        streamed = len(device) - len(cached)
+        if inline:
+            end = self._now()
+            keep = opts.cache != "none" or self.all_resident
+            for key, start in inline:
+                self.slots.unpin(key, keep=keep)
+            with self._lock:
+                self.stats.timeline.extend(("compute", key, start, end) for key, start in inline)
         with self._lock:
             st = self.stats
             st.needed += len(active)
@@ -423,19 +463,18 @@ class OffloadRunner:
         c = self.config
         key = next(iter(self.store.buffers))
         host_buf = self.store.buffers[key][0]
-        buf = self.link.transfer(host_buf)
+        buf = self.link.transfer(host_buf, split=self._split)
         start = time.perf_counter()
         for _ in range(reps):
             buf.delete()  # its buffer goes back to the link's pool
-            buf = self.link.transfer(host_buf)
+            buf = self.link.transfer(host_buf, split=self._split)
         load = (time.perf_counter() - start) / reps
         weights = self._arrive(buf)
         kw = dict(activation=c.ffn_activation, dtype=c.dtype)
 
         def device_run(n):
             rows = jnp.zeros((2 * n, c.d_model), jnp.float32)
-            return _packed_step(jnp.zeros_like(rows), rows, np.int32(0), np.int32(n), weights, tile=n,
-                                layout=self.layout, **kw)[1]
+            return _slot_step(jnp.zeros_like(rows), rows, np.int32(0), np.int32(n), weights.weights, tile=n, **kw)[1]
 
         def host_run(n):
             window = jax.device_put(np.zeros((n, c.d_model), np.float32), self.host)

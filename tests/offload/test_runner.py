@@ -187,10 +187,37 @@ def test_paced_link_keeps_to_its_rate_from_its_own_clock():
     assert link.last[0] <= t - 0.15 and link.achieved_bandwidth < 4e6 / 10
 
 
+def test_a_float_expert_arrives_as_its_weights_in_place_and_its_staging_buffer_is_reused():
+    """`split`: the paced CPU link hands over each weight as a view of the staging buffer (no
+    copy: each starts on a 64-byte boundary of the packed layout); deleting the expert frees
+    the staging buffer for the next load."""
+    from cpm2_jax.offload.store import ALIGN, Expert, pack_expert
+
+    rng = np.random.default_rng(0)
+    weights = {"norm": rng.normal(size=(12,)).astype(np.float32), "wi": rng.normal(size=(12, 20)).astype(np.float32),
+               "wo": rng.normal(size=(20, 12)).astype(np.float32)}
+    buf, layout = pack_expert(weights)
+    assert all(e.offset * 4 % ALIGN == 0 for e in layout.entries)
+    link = Link(jax.devices()[0], bandwidth=1e9)
+    got = link.transfer(buf, split=layout)
+    assert isinstance(got, Expert) and set(got.weights) == set(weights)
+    for name, w in weights.items():
+        np.testing.assert_array_equal(np.asarray(got.weights[name]), w)
+    staging = link._pool[0][0]
+    base = staging.ctypes.data
+    pointers = {e.name: base + e.offset * 4 for e in layout.entries}
+    assert {n: got.weights[n].unsafe_buffer_pointer() for n in weights} == pointers  # in place
+    got.delete()
+    assert got.is_deleted()
+    again = link.transfer(buf * 2, split=layout)
+    assert len(link._pool) == 1 and again.weights["wi"].unsafe_buffer_pointer() == pointers["wi"]
+    np.testing.assert_array_equal(np.asarray(again.weights["wo"]), weights["wo"] * 2)
+
+
 def test_int8_pack_unpack_is_round_to_nearest_per_column():
     """Quantisation by itself (no model): every dequantised weight is within half a step of its
     column's scale (max|w[:, j]| / 127), the largest of each column is exact, vectors stay float32."""
-    from cpm2_jax.offload.store import dequantise, device_layout, pack_expert, unpack
+    from cpm2_jax.offload.store import dequantise, pack_expert, unpack
 
     rng = np.random.default_rng(0)
     weights = {"wi": rng.normal(size=(16, 24)).astype(np.float32), "wo": rng.normal(size=(24, 16)).astype(np.float32),
@@ -198,8 +225,8 @@ def test_int8_pack_unpack_is_round_to_nearest_per_column():
     buf, layout = pack_expert(weights, int8=True)
     assert layout.nbytes < sum(w.nbytes for w in weights.values()) / 3
     got = {k: np.asarray(v) for k, v in unpack(jnp.asarray(buf), layout).items()}
-    # Dequantised once on arrival (the slot's float32 buffer): the same weights, bit for bit.
-    arrived = unpack(dequantise(jnp.asarray(buf), layout), device_layout(layout))
+    # Dequantised once on arrival (jitted, the slot's float32 weights): the same weights, bit for bit.
+    arrived = jax.jit(dequantise, static_argnames=("layout", "dtype"))(jnp.asarray(buf), layout)
     assert set(arrived) == set(got) and all((np.asarray(arrived[k]) == got[k]).all() for k in got)
     np.testing.assert_array_equal(got["scale"], weights["scale"])
     for name in ("wi", "wo"):
