@@ -347,7 +347,7 @@ def main(argv=None, name: str = "offload") -> dict:
     p.add_argument("--layers", type=int, default=2, help="encoder and decoder layers of the decode model")
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--new_tokens", type=int, default=16)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=15, help="repetitions per arm (medians; fewer moved the layer efficiency by +-0.1 between runs)")
     p.add_argument("--bandwidth", type=float, default=None, help="bytes/s (default: matched to compute)")
     p.add_argument("--real_link", action="store_true", help="no link model: device_put over the real link")
     p.add_argument("--quick", action="store_true", help="smoke sizes")

@@ -269,6 +269,19 @@ class OffloadRunner:
             self.slots.replace(key, entry)
         return entry.weights
 
+    def _dequantise_arrived(self) -> None:
+        """Dispatches the dequantisation of every int8 expert already in a slot but not yet
+        dequantised (prefetched, or loaded for a later layer): the device runs them after this
+        layer's computations, while this thread is between layers, instead of at their first
+        use. Under the slots' lock, so none is evicted (and deleted) meanwhile."""
+        if not self.options.int8:
+            return
+        with self.slots.cond:
+            for key in list(self.slots.loaded):
+                entry = self.slots.entries.get(key)
+                if entry is not None and not isinstance(entry, Expert):
+                    self.slots.entries[key] = self._arrive(entry, wait=False)
+
     def _now(self) -> float:
         return time.perf_counter() - self._t0
 
@@ -426,6 +439,7 @@ class OffloadRunner:
                 self._releases.put(_Release("compute", keys[e], done, self._now()))
             else:
                 inline.append((keys[e], self._now()))
+        self._dequantise_arrived()
         out.block_until_ready()
         elapsed = time.perf_counter() - begin
         if inline:
