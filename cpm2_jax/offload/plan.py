@@ -35,7 +35,7 @@ class Plan:
     bytes_per_step: int
     bandwidth: float  # bytes/s
     tokens_per_s: float  # batch-1 greedy when every expert misses the device
-    slot_bytes: int = 0  # one expert in a device slot (int8 is dequantised there on arrival)
+    slot_bytes: int = 0  # one expert in a device slot (int8 is dequantised there before its first computation)
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -108,7 +108,7 @@ def make_plan(config: ModelConfig, params=None, *, device_bytes: int, bandwidth:
     dec_layers = sum(config.is_moe_layer("decoder", i) for i in range(config.num_decoder_layers))
     itemsize = experts // max(1, moe_layers * config.num_experts * (expert_bytes(config, 1)))
     per_expert = expert_bytes(config, max(1, itemsize), int8)  # over the link
-    slot = expert_bytes(config, max(1, itemsize))  # on the device (int8 is dequantised on arrival)
+    slot = expert_bytes(config, max(1, itemsize))  # on the device (int8 is dequantised there before its first computation)
     resident = total - experts
     largest = int(min(config.num_experts, max(0, (device_bytes * USABLE - resident) // slot)))
     step = dec_layers * config.moe_top_k * per_expert

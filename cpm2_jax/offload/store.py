@@ -148,7 +148,7 @@ class Expert:
 
 def dequantise(buffer: jax.Array, layout: Layout, dtype="float32") -> dict:
     """A packed int8 expert -> its weights {name: array of `dtype`} (w = q * column scale, as
-    `unpack` computes it; traceable: jit it on the device, once on arrival, so every
+    `unpack` computes it; traceable: jit it on the device, once per load, so every
     computation of the expert - a cache hit included - reads float weights)."""
     return unpack(buffer, layout, dtype_of(dtype))
 
