@@ -61,7 +61,7 @@ class OffloadOptions:
     int8: bool = False
     bandwidth: Optional[float] = None  # bytes/s of the modelled link (None: the real one)
     host_compute: bool = False  # run cold experts with few tokens on the host
-    # CPU cores the transfer thread runs on (paced link on the CPU: the link's own core, apart
+    # CPU cores the transfer and release threads run on (paced link on the CPU: the link's own core, apart
     # from the one the computation runs on, as a DMA engine is apart from the compute units;
     # None: wherever the process runs)
     link_cores: Optional[tuple] = None
@@ -325,6 +325,8 @@ class OffloadRunner:
             st.timeline.append(("load", key, start, end))
 
     def _release_loop(self):
+        if self.options.link_cores:  # a host thread, like the link's: off the cores that compute
+            os.sched_setaffinity(0, self.options.link_cores)
         while True:
             item = self._releases.get()
             if item is None:
