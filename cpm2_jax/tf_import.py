@@ -43,16 +43,8 @@ def _stderr_to_devnull():
 
 def quiet_tensorflow_import() -> None:
     """Imports tensorflow once and hides its GPUs, with file descriptor 2 pointed at /dev/null."""
-    if "tensorflow" in sys.modules:
-        return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with _stderr_to_devnull():
-        import tensorflow as tf
-
-        try:  # lists the devices (cuInit) now, quietly; the input pipeline asks for the same
-            tf.config.set_visible_devices([], "GPU")
-        except RuntimeError:  # TensorFlow's runtime already started: its devices are fixed
-            pass
+    quiet_tensorflow_on_import()
+    import tensorflow  # noqa: F401  (through the hook: quietly, GPUs hidden)
 
 
 class _QuietLoader:

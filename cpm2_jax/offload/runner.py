@@ -263,24 +263,26 @@ class OffloadRunner:
         by this thread, the one that dispatches its computation: the link's thread only copies -
         a dispatch there waited for the GIL behind this thread's calls, and the link delivered a
         quarter of its set rate)."""
-        entry = self.slots.get(key)
-        if not isinstance(entry, Expert):
-            entry = self._arrive(entry, wait=False)
-            self.slots.replace(key, entry)
-        return entry.weights
+        self.slots.exchange(self._dequantise_raw, keys=[key])
+        return self.slots.get(key).weights
+
+    def _dequantise_raw(self, entry) -> Optional[Expert]:
+        """A slot entry still int8 (a transferred buffer) -> its dequantisation, dispatched; None
+        for an `Expert` already."""
+        return None if isinstance(entry, Expert) else self._arrive(entry, wait=False)
 
     def _dequantise_arrived(self) -> None:
         """Dispatches the dequantisation of every int8 expert already in a slot but not yet
         dequantised (prefetched, or loaded for a later layer): the device runs them after this
         layer's computations, while this thread is between layers, instead of at their first
         use. Under the slots' lock, so none is evicted (and deleted) meanwhile."""
-        if not self.options.int8:
-            return
-        with self.slots.cond:
-            for key in list(self.slots.loaded):
-                entry = self.slots.entries.get(key)
-                if entry is not None and not isinstance(entry, Expert):
-                    self.slots.entries[key] = self._arrive(entry, wait=False)
+        if self.options.int8:
+            self.slots.exchange(self._dequantise_raw)
+
+    @property
+    def _keep(self) -> bool:
+        """Whether an expert stays in its slot once computed (a cache, or every expert resident)."""
+        return self.options.cache != "none" or self.all_resident
 
     def _now(self) -> float:
         return time.perf_counter() - self._t0
@@ -338,7 +340,7 @@ class OffloadRunner:
                 continue
             end = self._now()
             if kind == "compute":
-                self.slots.unpin(key, keep=self.options.cache != "none" or self.all_resident)
+                self.slots.unpin(key, keep=self._keep)
             with self._lock:
                 self.stats.timeline.append((kind, key, start, end))
 
@@ -446,9 +448,8 @@ class OffloadRunner:
         elapsed = time.perf_counter() - begin
         if inline:
             end = self._now()
-            keep = opts.cache != "none" or self.all_resident
             for key, start in inline:
-                self.slots.unpin(key, keep=keep)
+                self.slots.unpin(key, keep=self._keep)
             with self._lock:
                 self.stats.timeline.extend(("compute", key, start, end) for key, start in inline)
         with self._lock:

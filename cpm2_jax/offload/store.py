@@ -156,6 +156,16 @@ def dequantise(buffer: jax.Array, layout: Layout, dtype="float32") -> dict:
 _unpack = jax.jit(unpack, static_argnames=("layout", "dtype"))
 
 
+def _split_on_device(packed: jax.Array, split: Optional[Layout]):
+    """A transferred packed buffer as it is handed over: itself, or (`split`) an `Expert` of its
+    weights unpacked on the device (the packed buffer then deleted)."""
+    if split is None:
+        return packed
+    out = Expert(_unpack(packed, layout=split, dtype=split.dtype)).block_until_ready()
+    packed.delete()
+    return out
+
+
 def host_memory_kind(device) -> Optional[str]:
     """`pinned_host` where the device has it as a memory apart from its own (GPU/TPU); None on
     the CPU, where every memory kind is the same RAM."""
@@ -260,10 +270,7 @@ class Link:
         start = max(self._free_at, now if ready is None else min(ready, now))
         if self.bandwidth is None:
             start = now
-            out = jax.device_put(buffer, self.sharding).block_until_ready()
-            if split is not None:
-                packed, out = out, Expert(_unpack(out, layout=split, dtype=split.dtype)).block_until_ready()
-                packed.delete()
+            out = _split_on_device(jax.device_put(buffer, self.sharding).block_until_ready(), split)
         else:
             src = np.asarray(buffer)
             deadline = start + src.nbytes / self.bandwidth
@@ -279,10 +286,7 @@ class Link:
                     out = Expert({e.name: jax.dlpack.from_dlpack(entry[0][e.offset:e.offset + e.size].reshape(e.shape))
                                   for e in split.entries})
             else:  # a modelled link on an accelerator: the runtime's copy, then the pacing
-                out = jax.device_put(entry[0], self.sharding).block_until_ready()
-                if split is not None:
-                    packed, out = out, Expert(_unpack(out, layout=split, dtype=split.dtype)).block_until_ready()
-                    packed.delete()
+                out = _split_on_device(jax.device_put(entry[0], self.sharding).block_until_ready(), split)
             entry[1] = out
             delay = deadline - time.perf_counter()
             if delay > 0:
@@ -402,11 +406,15 @@ class DeviceSlots:
             self.events[key].set()
             self.cond.notify_all()
 
-    def replace(self, key, buffer) -> None:
-        """What `key`'s slot holds, exchanged (an int8 expert for its dequantised weights: the
-        slot's count is unchanged; the caller holds a pin, so the entry cannot be evicted)."""
+    def exchange(self, convert, keys=None) -> None:
+        """Replaces each loaded entry `b` (of `keys`, default all) for which `convert(b)` is not
+        None by that value (an int8 expert by its dequantised weights), under the lock, so none
+        is evicted meanwhile; the slots' count is unchanged."""
         with self.cond:
-            self.entries[key] = buffer
+            for key in list(self.loaded if keys is None else keys):
+                new = convert(self.entries[key]) if key in self.loaded else None
+                if new is not None:
+                    self.entries[key] = new
 
     def event(self, key) -> threading.Event:
         """Set once `key`'s buffer is on the device (may be asked for before its load starts)."""
