@@ -114,6 +114,8 @@ def evaluate(*, model_config: Optional[ModelConfig] = None, dataset_cfg: dataset
     sharding = ModelSharding.for_shape(model_config, mesh_shape)
     token_metrics = TokenMetrics(sharding)
     params, _ = ckpt_lib.load_params(step_dir, model_config, target=sharding.abstract_params())
+    with sharding.mesh_and_rules():  # the steps' weight layouts, once for every task and batch
+        weights = decoding.prepare_decode_weights(params, config=model_config)
     batch_size = dataset_cfg.batch_size
     sharding.check_batch_size(batch_size)
     new_tokens = max_new_tokens or lengths.get("targets", 128)
@@ -150,7 +152,7 @@ def evaluate(*, model_config: Optional[ModelConfig] = None, dataset_cfg: dataset
                     placed = on_mesh(batch)
                     decoded = decoding.decode(params, placed["encoder_input_tokens"], config=model_config,
                                               method=decode_method, max_new_tokens=new_tokens, num_beams=num_beams,
-                                              task_index=placed.get("task_index"))
+                                              task_index=placed.get("task_index"), weights=weights)
                     tokens = np.asarray(multihost_utils.process_allgather(decoded.tokens, tiled=True))
                 out.extend(zip(indices, prediction_rows(tokens)))
             return out

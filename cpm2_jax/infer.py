@@ -292,6 +292,10 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
 
         tasks = resolve_tasks(examples, config.prompt, task_names)  # None without a prompt table
         params, on_mesh, place_batch = _place(params, config, mesh_shape, batch_size)
+        weights = None
+        if mode != "score":
+            with on_mesh():  # the steps' weight layouts, once for every batch
+                weights = decoding.prepare_decode_weights(params, config=config)
         start, generated, truncated = time.perf_counter(), 0, 0
         for first in range(0, len(examples), batch_size):
             chunk = examples[first:first + batch_size]
@@ -316,7 +320,7 @@ def infer(*, checkpoint_path: str, input_path: str = "-", output_path: str = "-"
                                       length_penalty=length_penalty, length_penalty_kind=length_penalty_kind,
                                       early_stopping=early_stopping, temperature=temperature, top_k=top_k,
                                       top_p=top_p, rng=jax.random.fold_in(jax.random.PRNGKey(seed), first),
-                                      task_index=task_index)
+                                      task_index=task_index, weights=weights)
                 tokens, scores, lengths = jax.device_get((out.tokens, out.scores, out.lengths))
             for i, e in enumerate(chunk):
                 ids = decoding.strip_after_eos(tokens[i])

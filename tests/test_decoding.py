@@ -157,6 +157,25 @@ def test_greedy_matches_hf_and_is_argmax_of_rescoring(hf_pair, inputs, one_devic
     assert np.all(np.asarray(token_logp)[ours == 0] == 0)
 
 
+def test_weights_prepared_once_decode_exactly_as_weights_built_per_call(hf_pair, inputs, one_device):
+    """`prepare_decode_weights` (built once per model, as infer and eval do) gives the tokens and
+    scores of the per-call layouts bit for bit, greedy and beam; the steps really read them
+    (a zeroed wo^T changes the output), and wo^T is wo transposed."""
+    _, params = hf_pair
+    weights = decoding.prepare_decode_weights(params, config=CONFIG)
+    layer = weights["decoder"]["layers_0"]
+    np.testing.assert_array_equal(layer["mlp"]["wo_t"], np.asarray(params["decoder"]["layers_0"]["mlp"]["wo"]).T)
+    greedy = decoding.greedy(params, inputs, config=CONFIG, max_new_tokens=MAX_NEW, weights=weights)
+    beam = decoding.beam_search(params, inputs, config=CONFIG, num_beams=2, max_new_tokens=8, weights=weights)
+    for prepared, per_call in zip((greedy, beam), one_device):
+        np.testing.assert_array_equal(prepared.tokens, per_call.tokens)
+        np.testing.assert_array_equal(prepared.scores, per_call.scores)
+    zeroed = jax.tree_util.tree_map(lambda x: x, weights)
+    zeroed["decoder"]["layers_0"]["mlp"]["wo_t"] = jnp.zeros_like(layer["mlp"]["wo_t"])
+    changed = decoding.greedy(params, inputs, config=CONFIG, max_new_tokens=MAX_NEW, weights=zeroed)
+    assert not np.array_equal(changed.scores, greedy.scores)
+
+
 @pytest.mark.parametrize("early_stopping,length_penalty,min_new", [(False, 1.0, 0), (True, 0.0, 3), ("never", 0.6, 0)])
 def test_beam_search_matches_hf(hf_pair, inputs, early_stopping, length_penalty, min_new):
     hf, params = hf_pair

@@ -160,11 +160,13 @@ class MlpBlock(nn.Module):
         weights["wo"] = self.param("wo", nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
                                                                       ("mlp", "embed")), (self.d_ff, d_model), pdtype)
         if self.activation == "gated_gelu" and self.has_variable(DECODE_WEIGHTS, "wi"):
-            # A decoding step: wi_0 and wi_1 as one stacked [embed, 2, mlp] kernel, one matmul
-            # (decoding.decode_weights); the same h = gelu(x wi_0) * (x wi_1), y = h wo.
+            # A decoding step: wi_0 and wi_1 as one stacked [embed, 2, mlp] kernel, one matmul,
+            # and wo as wo^T [embed, mlp] (decoding.decode_weights); the same
+            # h = gelu(x wi_0) * (x wi_1), y = h wo.
             dtype = dtype_of(self.dtype)
             a, b = stacked_projections(x, self.get_variable(DECODE_WEIGHTS, "wi"), dtype)
-            return (gelu(a) * b) @ weights["wo"].astype(dtype)
+            wo_t = self.get_variable(DECODE_WEIGHTS, "wo_t").astype(dtype)
+            return jnp.einsum("...m,em->...e", gelu(a) * b, wo_t)
         drop = nn.Dropout(self.dropout_rate)
         dropout = None
         if self.dropout_rate > 0.0 and not self.deterministic:
