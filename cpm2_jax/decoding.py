@@ -227,7 +227,7 @@ def stacks_weights() -> bool:
 def prepare_decode_weights(params, *, config: ModelConfig) -> Optional[dict]:
     """`decode_weights` built once for a model that decodes many batches (`cpm2 infer`, eval),
     to pass as `weights=` to `greedy`, `sample`, `beam_search` or `decode`: a decoding call
-    then skips stacking them (a copy of about 5/13 of the decoder, ~0.3 ms per step of a
+    then skips stacking them (a copy of about 2/3 of the decoder layers, ~0.5 of 8 ms per step of a
     64-token greedy call of the `small` model on 2 CPU cores) and the copy lives as long as
     the caller keeps it. Steps read the same numbers either way. None where steps read the
     parameters as they are (off CPU)."""
@@ -243,7 +243,7 @@ def make_step(config: ModelConfig, params, encoded, encoder_input_tokens, *,
 
     `stack_weights` (default: on CPU) runs the steps with `decode_weights`: `weights` when
     given (`prepare_decode_weights`), else built here once, a copy of the decoder's qkv and
-    wi_0/wi_1 kernels (about 5/13 of a dense decoder layer) that lives as long as the step
+    wi_0/wi_1 and wo kernels (about 2/3 of a dense decoder layer) that lives as long as the step
     function; given the filled `cache`, also with its encoder keys/values per head
     (`cross_attention_layouts`, a copy of the cross-attention cache).
     """
