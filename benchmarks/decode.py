@@ -99,30 +99,31 @@ def matvec_probe(head, calls: int):
     return probe, best
 
 
-def decoder_matvec_probe(params, config, passes: int = 8):
+def decoder_matvec_probe(params, stacked, passes: int = 8):
     """A function that times one jitted loop of `passes` passes over the decoder's step matrices
     (per layer: the stacked q/k/v [d, 3 * inner], self-attention out, cross-attention query and
     out, the stacked wi_0/wi_1 [d, 2 * ff], wo^T [d, ff] read as W x; as `decoding.decode_weights`
     feeds a step), one batch-1 matrix-vector product each, chained (each input is the previous
     output cut or zero-padded to the next matrix's input size), and records the best call's read bandwidth:
     the rate XLA:CPU's matrix-vector products reach on these 0.8-4 MB matrices, beside the
-    output matrix's. Returns (probe, best seconds per pass, bytes per pass)."""
+    output matrix's. `stacked`: `decoding.prepare_decode_weights(params)`, the layouts the timed
+    decoding reads. Returns (probe, best seconds per pass, bytes per pass)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from cpm2_jax import decoding
-
-    stacked = decoding.decode_weights(config, params)["decoder"]
+    stacked = stacked["decoder"]
     decoder = params["decoder"]
     flat = lambda w, n_in=1: w.reshape(int(np.prod(w.shape[:n_in])), -1)  # noqa: E731
     mats = []  # (matrix, read as W x: [out, in])
     for name in sorted((k for k in decoder if k.startswith("layers_")), key=lambda k: int(k.split("_")[1])):
         layer, extra = decoder[name], stacked[name]
         cross = layer["encoder_decoder_attention"]
-        mats += [(flat(extra["self_attention"]["qkv"]), False), (flat(layer["self_attention"]["out"]["kernel"], 2), False),
+        mats += [(flat(extra["self_attention"]["qkv"]), False),
+                 (flat(layer["self_attention"]["out"]["kernel"], 2), False),
                  (flat(cross["query"]["kernel"]), False), (flat(cross["out"]["kernel"], 2), False)]
-        mats += [(flat(extra["mlp"]["wi"]), False), (extra["mlp"]["wo_t"], True)]  # dense gated FFN (the benchmark's model)
+        # the dense gated FFN (the benchmark's model)
+        mats += [(flat(extra["mlp"]["wi"]), False), (extra["mlp"]["wo_t"], True)]
     out_in = [t for _, t in mats]
     mats = [jnp.asarray(m) for m, _ in mats]
     width = max(max(m.shape) for m in mats)
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
         if batch == 1:
             head = params["decoder"]["logits_dense"]["kernel"]
             fns["matvec"], best_matvec = matvec_probe(head, args.matvec_calls)
-            fns["decoder_matvecs"], best_decoder, decoder_bytes = decoder_matvec_probe(params, config)
+            fns["decoder_matvecs"], best_decoder, decoder_bytes = decoder_matvec_probe(params, weights)
         first, times = timed_interleaved(fns, warmup=1, reps=args.repeats)
         ours_s, theirs_s = statistics.median(times["jax"]), statistics.median(times["torch"])
         tokens = batch * n

@@ -231,10 +231,7 @@ def prepare_decode_weights(params, *, config: ModelConfig) -> Optional[dict]:
     64-token greedy call of the `small` model on 2 CPU cores) and the copy lives as long as
     the caller keeps it. Steps read the same numbers either way. None where steps read the
     parameters as they are (off CPU)."""
-    return _decode_weights_jit(nn.meta.unbox(params), config=config) if stacks_weights() else None
-
-
-_decode_weights_jit = jax.jit(lambda params, config: decode_weights(config, params), static_argnames=("config",))
+    return jax.jit(decode_weights, static_argnums=0)(config, nn.meta.unbox(params)) if stacks_weights() else None
 
 
 def make_step(config: ModelConfig, params, encoded, encoder_input_tokens, *,
@@ -252,8 +249,8 @@ def make_step(config: ModelConfig, params, encoded, encoder_input_tokens, *,
         stack_weights = stacks_weights()
     variables = {"params": params}
     if stack_weights:
-        stacked = decode_weights(config, params) if weights is None else weights
-        variables[DECODE_WEIGHTS] = {"decoder": dict(stacked["decoder"])}
+        layers = (decode_weights(config, params) if weights is None else weights)["decoder"]
+        variables[DECODE_WEIGHTS] = {"decoder": dict(layers)}  # the caller's `weights` stay as they are
         if cache is not None:
             layouts = cross_attention_layouts(config, cache)["decoder"]
             stacked = variables[DECODE_WEIGHTS]["decoder"]
@@ -330,8 +327,8 @@ def _sample_loop(step: StepFn, cache, batch: int, *, max_new_tokens: int, min_ne
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "min_new_tokens", "eos_id",
                                              "temperature", "top_k", "top_p"))
-def _sample_jit(params, encoder_input_tokens, rng, task_index=None, weights=None, *, config: ModelConfig, max_new_tokens: int,
-                min_new_tokens: int, eos_id: int, temperature: float, top_k: int, top_p: float) -> DecodeOutput:
+def _sample_jit(params, encoder_input_tokens, rng, task_index=None, weights=None, *, config: ModelConfig,
+                max_new_tokens: int, min_new_tokens: int, eos_id: int, temperature: float, top_k: int, top_p: float) -> DecodeOutput:
     encoded = _encode(config, params, encoder_input_tokens, task_index)
     cache = init_cache(config, params, encoded, encoder_input_tokens, max_new_tokens, task_index)
     step = make_step(config, params, encoded, encoder_input_tokens, cache=cache, weights=weights)
@@ -357,8 +354,8 @@ def greedy(params, encoder_input_tokens, *, config: ModelConfig, max_new_tokens:
     (`task_index` [batch]: each row's prompt, for models with a prompt table; `weights`:
     `prepare_decode_weights(params)`, for a model that decodes many batches)."""
     params, tokens = _prepare(params, encoder_input_tokens)
-    return _sample_jit(params, tokens, jax.random.PRNGKey(0), task_index, weights, config=config, max_new_tokens=max_new_tokens,
-                       min_new_tokens=min_new_tokens, eos_id=eos_id, temperature=0.0, top_k=0, top_p=1.0)
+    return _sample_jit(params, tokens, jax.random.PRNGKey(0), task_index, weights, config=config,
+                       max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_id=eos_id, temperature=0.0, top_k=0, top_p=1.0)
 
 
 def sample(params, encoder_input_tokens, rng: jax.Array, *, config: ModelConfig, max_new_tokens: int,
@@ -460,8 +457,8 @@ def beam_loop(step: StepFn, cache, batch: int, *, num_beams: int, max_new_tokens
 
 @functools.partial(jax.jit, static_argnames=("config", "num_beams", "max_new_tokens", "min_new_tokens", "eos_id",
                                              "length_penalty_kind", "early_stopping"))
-def _beam_jit(params, encoder_input_tokens, task_index=None, weights=None, *, config: ModelConfig, num_beams: int, max_new_tokens: int,
-              min_new_tokens: int, eos_id: int, alpha: jax.Array, length_penalty_kind: str,
+def _beam_jit(params, encoder_input_tokens, task_index=None, weights=None, *, config: ModelConfig, num_beams: int,
+              max_new_tokens: int, min_new_tokens: int, eos_id: int, alpha: jax.Array, length_penalty_kind: str,
               early_stopping: Union[bool, str]) -> DecodeOutput:
     batch = encoder_input_tokens.shape[0]
     encoded = _encode(config, params, encoder_input_tokens, task_index)  # once per input, not per beam
@@ -490,8 +487,8 @@ def beam_search(params, encoder_input_tokens, *, config: ModelConfig, num_beams:
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     params, tokens = _prepare(params, encoder_input_tokens)
-    return _beam_jit(params, tokens, task_index, weights, config=config, num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
-                     min_new_tokens=int(min_new_tokens), eos_id=int(eos_id), alpha=jnp.float32(length_penalty),
+    return _beam_jit(params, tokens, task_index, weights, config=config, num_beams=int(num_beams),
+                     max_new_tokens=int(max_new_tokens), min_new_tokens=int(min_new_tokens), eos_id=int(eos_id), alpha=jnp.float32(length_penalty),
                      length_penalty_kind=length_penalty_kind, early_stopping=early_stopping)
 
 
