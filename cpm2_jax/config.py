@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from cpm2_jax.errors import ConfigError, closest
+from cpm2_jax.errors import ConfigError, check_choice, closest
 from cpm2_jax.prompts.config import as_prompt_config  # registers PromptConfig with gin
 
 
@@ -109,12 +109,8 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.param_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"ModelConfig.param_dtype must be float32 or bfloat16, got {self.param_dtype!r}")
-        if self.cpu_weight_grads not in CPU_WEIGHT_GRADS:
-            raise ConfigError(f"ModelConfig.cpu_weight_grads must be one of {', '.join(CPU_WEIGHT_GRADS)}, "
-                              f"got {self.cpu_weight_grads!r}")
-        if self.ffn_activation not in FFN_ACTIVATIONS:
-            raise ConfigError(f"ModelConfig.ffn_activation must be one of {', '.join(FFN_ACTIVATIONS)}, "
-                              f"got {self.ffn_activation!r}")
+        check_choice("ModelConfig.cpu_weight_grads", self.cpu_weight_grads, CPU_WEIGHT_GRADS)
+        check_choice("ModelConfig.ffn_activation", self.ffn_activation, FFN_ACTIVATIONS)
         if self.num_experts < 0:
             raise ConfigError(f"ModelConfig.num_experts must be >= 0 (0 = dense), got {self.num_experts}")
         if self.is_moe:

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from cpm2_jax.config import ModelConfig, dtype_of
+from cpm2_jax.errors import check_choice
 from cpm2_jax.model.dense import DECODE_WEIGHTS
 from cpm2_jax.model.transformer import EncoderDecoder, reorder_cache
 
@@ -482,8 +483,7 @@ def beam_search(params, encoder_input_tokens, *, config: ModelConfig, num_beams:
     length-penalised log-probabilities (defaults are transformers' `generate` defaults)."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if length_penalty_kind not in LENGTH_PENALTIES:
-        raise ValueError(f"length_penalty_kind must be one of {sorted(LENGTH_PENALTIES)}, got {length_penalty_kind!r}")
+    check_choice("length_penalty_kind", length_penalty_kind, sorted(LENGTH_PENALTIES), ValueError)
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     params, tokens = _prepare(params, encoder_input_tokens)

@@ -27,3 +27,13 @@ def closest(name: str, options) -> str:
 
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def check_choice(name: str, value, choices, error: type = None) -> None:
+    """Raises `error` (ConfigError by default) naming `name`, the allowed `choices` and the
+    value given, unless `value` is one of them (plus a did-you-mean hint for a near miss)."""
+    choices = list(choices)
+    if value in choices:
+        return
+    hint = closest(value, [str(c) for c in choices]) if isinstance(value, str) else ""
+    raise (error or ConfigError)(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}{hint}")

@@ -18,7 +18,7 @@ import sys
 import gin
 import seqio
 
-from cpm2_jax.errors import ConfigError
+from cpm2_jax.errors import ConfigError, check_choice
 
 DATA_DIR_ENV, VOCAB_ENV, CACHE_ENV = "CPM2_DATA_DIR", "CPM2_VOCAB", "CPM2_CACHE_DIR"
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -48,15 +48,14 @@ def configure(data_dir: str | None = None, vocabulary: str | None = None,
 
 def set_malformed_policy(policy: str | None) -> None:
     """'skip' (count and warn, the default) or 'fail' (raise naming file and line)."""
-    if policy is not None and policy not in MALFORMED_POLICIES:
-        raise ConfigError(f"on_malformed must be one of {MALFORMED_POLICIES}, got {policy!r}")
+    if policy is not None:
+        check_choice("on_malformed", policy, MALFORMED_POLICIES)
     _overrides["on_malformed"] = policy
 
 
 def malformed_policy() -> str:
     policy = _overrides["on_malformed"] or os.environ.get(MALFORMED_ENV) or "skip"
-    if policy not in MALFORMED_POLICIES:
-        raise ConfigError(f"${MALFORMED_ENV} must be one of {MALFORMED_POLICIES}, got {policy!r}")
+    check_choice(f"${MALFORMED_ENV}", policy, MALFORMED_POLICIES)
     return policy
 
 

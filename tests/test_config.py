@@ -2,7 +2,7 @@
 import pytest
 
 from cpm2_jax.config import SIZES, ModelConfig, get_config
-from cpm2_jax.errors import ConfigError
+from cpm2_jax.errors import ConfigError, check_choice
 from cpm2_jax.gin_utils import GIN_DIR, model_config, parse_gin
 
 
@@ -24,6 +24,15 @@ def test_mt5_shapes():
 def test_unknown_size_suggests_closest():
     with pytest.raises(ConfigError, match=r"unknown model size 'cpm2_11' \(did you mean 'cpm2_11b'"):
         get_config("cpm2_11")
+
+
+def test_check_choice_names_the_setting_the_choices_and_a_near_miss():
+    check_choice("--cache", "lru", ("lru", "lfu", "none"))  # allowed: nothing raised
+    with pytest.raises(ConfigError, match=r"^--cache must be one of lru, lfu, none, got 'lfy' \(did you mean 'lfu'\?\)$"):
+        check_choice("--cache", "lfy", ("lru", "lfu", "none"))
+    with pytest.raises(ValueError, match=r"^k must be one of 1, 2, got 3$") as raised:
+        check_choice("k", 3, (1, 2), ValueError)
+    assert type(raised.value) is ValueError
 
 
 def test_unknown_field_and_bad_values():

@@ -35,14 +35,13 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from cpm2_jax import checkpoints
     from cpm2_jax.convert.atomic import check_writable
-    from cpm2_jax.errors import ConfigError
+    from cpm2_jax.errors import ConfigError, check_choice
     from cpm2_jax.moe.routing import ROUTERS
     from cpm2_jax.moe.upcycle import upcycle_params
 
     if args.num_experts <= 0:
         raise ConfigError(f"--num_experts must be positive, got {args.num_experts}")
-    if args.router not in ROUTERS:
-        raise ConfigError(f"--router must be one of {', '.join(ROUTERS)}, got {args.router!r}")
+    check_choice("--router", args.router, ROUTERS)
     if args.expert_capacity < 0:
         raise ConfigError(f"--expert_capacity must be >= 0, got {args.expert_capacity}")
     check_writable(args.out_dir, args.overwrite)

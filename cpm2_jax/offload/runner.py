@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpm2_jax.config import ModelConfig, dtype_of
-from cpm2_jax.errors import ConfigError
+from cpm2_jax.errors import ConfigError, check_choice
 from cpm2_jax.offload import schedule as S
 from cpm2_jax.offload import split_moe
 from cpm2_jax.offload.stepped import STACKS, SteppedModel
@@ -105,10 +105,8 @@ def check_options(config: ModelConfig, options: OffloadOptions) -> None:
     if not 1 <= k <= config.num_experts:
         raise ConfigError(f"--device_experts must be between 1 and the number of experts per layer "
                           f"({config.num_experts}), got {k}")
-    if options.schedule not in SCHEDULES:
-        raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {options.schedule!r}")
-    if options.cache not in CACHES:
-        raise ConfigError(f"--cache must be one of {', '.join(CACHES)}, got {options.cache!r}")
+    check_choice("--schedule", options.schedule, SCHEDULES)
+    check_choice("--cache", options.cache, CACHES)
 
 
 def split_experts(config: ModelConfig, params: dict) -> tuple[dict, dict]:
