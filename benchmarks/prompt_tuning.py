@@ -12,7 +12,8 @@ CPM2_FACTS "Prompt tuning": on LCQMC, front 88.38 / back 88.50 / middle 89.20 / 
    full fine-tuning (every parameter) and prompt tuning (the backbone frozen, one prompt of
    `--prompt_length` vectors at front / middle / back / front+middle+back; the generation
    input has no `<sep>`, so there: front / back / front+back), AdamW, constant learning
-   rate, dropout 0.1 in every arm.
+   rate; dropout `--dropout` (0) on the pair task and `--gen_dropout` (0.1) on the
+   generation task, every arm of a task alike.
 3. Every `--eval_every` steps the validation metric:
    - pair task: accuracy by rank classification (t5x/seqio style): the teacher-forced
      log-likelihood of each label string (是 or 否, EOS included, `decoding.score`), the
@@ -21,8 +22,13 @@ CPM2_FACTS "Prompt tuning": on LCQMC, front 88.38 / back 88.50 / middle 89.20 / 
      accuracy exceeds majority + 2 standard errors.
    - generation task: ROUGE-L F1 (characters, %, `tasks/metrics.summary_metrics`) of greedy
      outputs against the references, on the whole validation split.
-   "Steps to converge": the first evaluation within 1% (relative) of the arm's best metric;
-   null for an arm that never leaves chance (pair) or never scores above 0 (generation).
+   Beside each metric the validation loss (pair: the true label's negative log-likelihood,
+   label + EOS; generation: the teacher-forced token loss), which moves where the metric
+   does not. An arm "beats chance" when its best metric is above the line (pair) or above
+   its own untuned score at step 0 (generation). "Steps to converge": the first evaluation
+   within 1% (relative) of the arm's best metric; null for an arm that does not beat chance.
+4. Before the pair arms, a linear probe of the frozen encoder (`frozen_probe`): what signal a
+   prompt, which only steers the backbone's own computation, has to work with.
 Writes a table (JSON, printed last), benchmarks/results/prompt_tuning.json and a PNG of the
 curves. The default budget is meant for under 45 minutes on 2 quiet CPU cores.
 
@@ -68,6 +74,7 @@ PLACEMENTS = ("front", "middle", "back", "front+middle+back")
 GEN_PLACEMENTS = ("front", "back", "front+back")
 TRANSLATION_TASK = "en_zh"  # the pairs' train split as translation (validation never seen)
 LABELS = ("否", "是")  # tasks/local.py MATCH_LABELS
+SEP_TEXT = "<sep>"  # tasks/downstream.py SEP
 CONVERGED_FRACTION = 0.99
 LESTER_RELATIVE_LR = 0.3  # Adafactor lr with parameter scaling: each step ~0.3 x the prompt's RMS
 
@@ -219,6 +226,68 @@ def rouge(params, config, val, max_new_tokens) -> float:
     return metrics.summary_metrics(refs, outs)["rouge_l"]
 
 
+def side_features(params, config, batches):
+    """Per pair: the frozen encoder's outputs averaged over each side of `<sep>` (a, c) as
+    [a, c, |a - c|, a * c] (sentence-pair features, Conneau et al. 2017), and the label."""
+    import jax
+    import numpy as np
+
+    from cpm2_jax.model.transformer import EncoderDecoder
+    from cpm2_jax.tasks.settings import default_vocabulary
+
+    sep = default_vocabulary().encode(SEP_TEXT)[-1]
+    yes = label_ids()[LABELS.index("是"), 0]
+    model = EncoderDecoder(config)
+    encode = jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.encode))
+    feats, labels = [], []
+    for b in batches:
+        tokens = b["encoder_input_tokens"]
+        states = np.asarray(encode(params, tokens))
+        for row, h, target in zip(tokens, states, b["decoder_target_tokens"]):
+            at = np.flatnonzero(row == sep)
+            if target[0] == 0 or len(at) == 0:
+                continue
+            a, c = h[:at[0]].mean(0), h[at[0] + 1:int((row > 0).sum())].mean(0)
+            feats.append(np.concatenate([a, c, np.abs(a - c), a * c]))
+            labels.append(int(target[0] == yes))
+    return np.array(feats), np.array(labels)
+
+
+def logistic_accuracy(x_train, y_train, x_val, y_val, steps: int = 2000, lr: float = 0.1, l2: float = 1e-3) -> float:
+    """Validation accuracy of an L2-regularised logistic regression (full-batch gradient descent
+    on standardised features)."""
+    import numpy as np
+
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+    w, b = np.zeros(x_train.shape[1]), 0.0
+    for _ in range(steps):
+        g = 1 / (1 + np.exp(-(x_train @ w + b))) - y_train
+        w -= lr * (x_train.T @ g / len(y_train) + l2 * w)
+        b -= lr * g.mean()
+    return float(np.mean((x_val @ w + b > 0) == y_val))
+
+
+def frozen_probe(backbone, config, data, args) -> dict:
+    """What a frozen encoder offers the pair task: a linear probe on its outputs (side_features,
+    `--probe_batches` training batches, the arms' validation examples), for the pre-trained
+    backbone and for the same model at initialisation. A prompt steers the frozen network's
+    own computation; a probe near chance says the encoder output carries no linearly readable
+    match signal for it to steer towards."""
+    import jax
+
+    fresh = jax.device_get(pre.make_trainer(config, steps=1, learning_rate=1e-3).init_state().params)
+    train = data["train"][:args.probe_batches]
+    out = {}
+    for name, params in (("backbone", backbone), ("initialisation", fresh)):
+        x_train, y_train = side_features(params, config, train)
+        x_val, y_val = side_features(params, config, data["val"])
+        out[name] = round(logistic_accuracy(x_train, y_train, x_val, y_val), 4)
+    out["train_examples"], out["validation_examples"] = int(len(y_train)), int(len(y_val))
+    log(f"linear probe of the frozen encoder: {out}")
+    return out
+
+
 def converged_at(curve, good: bool):
     """The first evaluation within 1% (relative) of the best metric; None when the arm never did anything."""
     best = max(c["metric"] for c in curve)
@@ -266,18 +335,19 @@ def tune(backbone, base_config, task, variant, data, args):
             first_step_s = time.perf_counter() - t
         else:
             train_s += time.perf_counter() - t
-        if step % args.eval_every == 0 or step == steps:
+        if step % data["eval_every"] == 0 or step == steps:
             metric, loss = evaluate(state.params)
             curve.append({"step": step, "metric": round(metric, 4), "loss": round(loss, 4),
-                          "train_loss": round(float(np.mean(train_losses[-args.eval_every:])), 4),
+                          "train_loss": round(float(np.mean(train_losses[-data["eval_every"]:])), 4),
                           "train_s": round(train_s, 1)})
             log(f"{task} / {variant} step {step}: metric {metric:.4f}, validation loss {loss:.4f}")
     best = max(c["metric"] for c in curve[1:])
-    good = best > data["chance_line"]
+    good = best > (data["chance_line"] if task == PAIR_TASK else curve[0]["metric"])
     leaves = zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(trainer.mask))
     trained = int(sum(np.prod(x.shape) for x, m in leaves if m))
     out = {"task": task, "variant": variant, "learning_rate": lr, "initial_metric": curve[0]["metric"],
-           "best_metric": best, "final_metric": curve[-1]["metric"], "final_loss": curve[-1]["loss"],
+           "best_metric": best, "final_metric": curve[-1]["metric"], "initial_loss": curve[0]["loss"],
+           "best_loss": min(c["loss"] for c in curve), "final_loss": curve[-1]["loss"],
            "beats_chance": bool(good), "steps_to_converge": converged_at(curve[1:], good),
            "trained_parameters": trained, "train_seconds": round(train_s, 1),
            "seconds_per_step": round(train_s / max(len(train_losses) - 1, 1), 4),
@@ -297,7 +367,7 @@ def task_data(task, args):
     val_batches = args.pair_val // batch if pair else 10 ** 6  # the generation task: its whole split
     val = pre.take(pre.batches(task, "validation", lengths, batch, pack=False, epochs=1, shuffle=False),
                    max(val_batches, 1))
-    data = {"train": train, "val": val, "steps": steps}
+    data = {"train": train, "val": val, "steps": steps, "eval_every": args.eval_every if pair else args.gen_eval_every}
     if pair:
         share, n = majority(val)
         se = math.sqrt(share * (1 - share) / n)
@@ -305,7 +375,7 @@ def task_data(task, args):
                     chance={"majority_class_accuracy": round(share, 4), "standard_error": round(se, 4),
                             "examples": n})
     else:
-        data.update(chance_line=0.0, chance={"examples": sum(int((b["decoder_target_tokens"][:, 0] > 0).sum())
+        data.update(chance={"examples": sum(int((b["decoder_target_tokens"][:, 0] > 0).sum())
                                                              for b in val)})
     return data
 
@@ -317,11 +387,17 @@ def plot(runs, chance, path):
     import matplotlib.pyplot as plt
 
     tasks = [t for t in (PAIR_TASK, GEN_TASK) if any(r["task"] == t for r in runs)]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 7), squeeze=False)
+    for ax, loss_ax, task in zip(axes[0], axes[1], tasks):
         for r in (r for r in runs if r["task"] == task):
-            ax.plot([c["step"] for c in r["curve"]], [c["metric"] for c in r["curve"]], marker=".",
-                    label=f"{r['variant']} (lr {r['learning_rate']:g})")
+            steps = [c["step"] for c in r["curve"]]
+            ax.plot(steps, [c["metric"] for c in r["curve"]], marker=".", label=f"{r['variant']} (lr {r['learning_rate']:g})")
+            loss_ax.plot(steps, [c["loss"] for c in r["curve"]], marker=".", label=r["variant"])
+        loss_ax.set_yscale("log")
+        loss_ax.set_title(f"{task}: validation loss (" + ("true label + EOS, nats" if task == PAIR_TASK
+                                                          else "per target token") + ")")
+        loss_ax.set_xlabel("fine-tuning step")
+        loss_ax.legend(fontsize=8)
         if task == PAIR_TASK:
             c = chance[task]
             ax.axhline(c["majority_class_accuracy"], color="grey", ls="--", label="majority class")
@@ -344,13 +420,16 @@ def embedding_rms(params) -> float:
 
 def pair_summary(pair: dict, standard_error: float) -> dict:
     """The paper's question on the pair task's table: does the middle prompt beat front and back,
-    by how much, against the standard error of a difference of two accuracies."""
+    by how much, against the standard error of a difference of two accuracies. With no prompt
+    above chance there is no best placement (None): ties at chance rank nothing."""
     prompts = {v: pair[v]["best_metric"] for v in PLACEMENTS if v in pair}
     margin = pair["middle"]["best_metric"] - max(pair["front"]["best_metric"], pair["back"]["best_metric"])
-    return {"best_placement": max(prompts, key=prompts.get), "middle_beats_front_and_back": margin > 0,
+    above = any(pair[v]["beats_chance"] for v in prompts)
+    return {"best_placement": max(prompts, key=prompts.get) if above else None,
+            "middle_beats_front_and_back": margin > 0,
             "middle_margin_over_front_and_back": round(margin, 4),
             "difference_standard_error": round(math.sqrt(2) * standard_error, 4),
-            "any_prompt_beats_chance": any(pair[v]["beats_chance"] for v in prompts)}
+            "any_prompt_beats_chance": above}
 
 
 def parse_args(argv=None):
@@ -369,8 +448,9 @@ def parse_args(argv=None):
                    help="share of pre-training batches that are en_zh translation (train split) instead of span "
                         "corruption: the backbone's only cross-lingual signal (0: monolingual only)")
     p.add_argument("--backbone", default=None, help="msgpack file: reused when it exists, else written after pre-training")
-    p.add_argument("--tune_steps", type=int, default=600, help="pair-task steps per arm")
-    p.add_argument("--eval_every", type=int, default=50)
+    p.add_argument("--tune_steps", type=int, default=1500, help="pair-task steps per arm")
+    p.add_argument("--eval_every", type=int, default=250, help="pair-task evaluation interval")
+    p.add_argument("--gen_eval_every", type=int, default=50, help="generation-task evaluation interval")
     p.add_argument("--batch", type=int, default=32, help="pair-task batch")
     p.add_argument("--gen_steps", type=int, default=300, help="generation-task steps per arm")
     p.add_argument("--gen_batch", type=int, default=16)
@@ -379,9 +459,16 @@ def parse_args(argv=None):
     p.add_argument("--gen_len", type=int, default=128)
     p.add_argument("--gen_targets", type=int, default=32)
     p.add_argument("--prompt_length", type=int, default=20)
+    p.add_argument("--probe_batches", type=int, default=120, help="pair-task training batches for the linear probe")
     p.add_argument("--prompt_lr", type=float, default=None,
                    help="AdamW learning rate of the prompt (default: 0.3 x the RMS of the backbone's embedding rows, "
                         "Lester et al.'s Adafactor 0.3 with parameter scaling, in AdamW's absolute steps)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="pair-task dropout, every arm (0.1 halved the step rate on the CPU and kept full fine-tuning "
+                        "at chance longer)")
+    p.add_argument("--gen_dropout", type=float, default=0.1,
+                   help="generation-task dropout, every arm (without it full fine-tuning overfits the 401 examples "
+                        "within 100 steps)")
     p.add_argument("--full_lr", type=float, default=1e-3)
     p.add_argument("--name", default=None, help="results file stem (default prompt_tuning, prompt_tuning_quick with --quick)")
     p.add_argument("--tasks", default=f"{PAIR_TASK},{GEN_TASK}")
@@ -389,7 +476,8 @@ def parse_args(argv=None):
                    help="arms to run; each task runs those that apply to it (the generation task has no middle)")
     args = p.parse_args(argv)
     if args.quick:  # every code path once, not a result
-        args.pretrain_steps, args.tune_steps, args.gen_steps, args.eval_every, args.pair_val = 4, 4, 4, 2, 16
+        args.pretrain_steps, args.tune_steps, args.gen_steps, args.pair_val = 4, 4, 4, 16
+        args.eval_every = args.gen_eval_every = args.probe_batches = 2
         args.batch, args.gen_batch, args.pretrain_batch, args.gen_len, args.gen_targets = 8, 8, 8, 64, 8
     return args
 
@@ -405,22 +493,25 @@ def main(argv=None) -> dict:
     log(f"translation_match pairs that fit {args.pair_len} tokens: {pairs_kept}")
     base = pre.small_config(args.d_model, args.layers, init_std=args.init_std)
     backbone, backbone_info = backbone_params(base, args)
-    tune_config = base.replace(dropout_rate=0.1)
     init_rms = embedding_rms(backbone)
     if args.prompt_lr is None:
         args.prompt_lr = round(LESTER_RELATIVE_LR * init_rms, 5)
     log(f"prompt learning rate {args.prompt_lr:g} (embedding RMS {init_rms:.4f}), full fine-tuning {args.full_lr:g}")
-    runs, chance = [], {}
+    runs, chance, probe = [], {}, None
     for task in tasks:
         data = task_data(task, args)
         chance[task] = data["chance"]
         log(f"{task}: {len(data['train'])} training batches, chance {data['chance']}")
+        if task == PAIR_TASK and args.probe_batches:
+            probe = frozen_probe(backbone, base, data, args)
         for variant in (v for v in variants if v in ("full",) + (PLACEMENTS if task == PAIR_TASK else GEN_PLACEMENTS)):
-            runs.append(tune(backbone, tune_config, task, variant, data, args))
+            config = base.replace(dropout_rate=args.dropout if task == PAIR_TASK else args.gen_dropout)
+            runs.append(tune(backbone, config, task, variant, data, args))
     name = args.name or ("prompt_tuning_quick" if args.quick else "prompt_tuning")  # a quick run is no result
     plot_path = RESULTS_DIR / f"{name}.png"
     plot(runs, chance, plot_path)
-    keys = ("learning_rate", "initial_metric", "best_metric", "final_metric", "beats_chance", "steps_to_converge",
+    keys = ("learning_rate", "initial_metric", "best_metric", "final_metric", "initial_loss", "best_loss",
+            "beats_chance", "steps_to_converge",
             "trained_parameters", "seconds_per_step")
     table = {task: {r["variant"]: {k: r[k] for k in keys} for r in runs if r["task"] == task} for task in tasks}
     report = {"benchmark": "prompt_tuning", "quick": args.quick,
@@ -428,7 +519,7 @@ def main(argv=None) -> dict:
                       "pair task: rank-classification accuracy; generation task: ROUGE-L F1 (%) of greedy outputs; "
                       f"steps_to_converge: first evaluation within {100 - 100 * CONVERGED_FRACTION:g}% of the arm's best",
               "settings": vars(args), "backbone": backbone_info, "prompt_init_rms": round(init_rms, 4),
-              "pairs_kept": pairs_kept, "chance": chance, "table": table}
+              "pairs_kept": pairs_kept, "chance": chance, "frozen_encoder_probe": probe, "table": table}
     pair = table.get(PAIR_TASK, {})
     if all(v in pair for v in ("front", "middle", "back")):
         report["pair_task"] = pair_summary(pair, chance[PAIR_TASK]["standard_error"])

@@ -26,3 +26,14 @@ def test_pair_summary_compares_middle_with_front_and_back():
     assert out["best_placement"] == "middle" and out["middle_beats_front_and_back"]
     assert out["middle_margin_over_front_and_back"] == 0.05 and out["any_prompt_beats_chance"]
     assert out["difference_standard_error"] == round(2 ** 0.5 * 0.01, 4)
+    at_chance = {v: arm(0.5, False) for v in pair}
+    assert pt.pair_summary(at_chance, 0.01)["best_placement"] is None  # ties at chance rank nothing
+
+
+def test_logistic_probe_reads_a_linear_signal_and_nothing_from_noise():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(800, 6))
+    y = (x[:, 2] - 0.5 * x[:, 4] > 0).astype(int)  # a linear rule
+    assert pt.logistic_accuracy(x[:600], y[:600], x[600:], y[600:]) >= 0.95
+    noise = rng.integers(0, 2, size=800)  # labels independent of the features
+    assert abs(pt.logistic_accuracy(x[:600], noise[:600], x[600:], noise[600:]) - 0.5) < 0.1
