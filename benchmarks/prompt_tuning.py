@@ -74,7 +74,6 @@ PLACEMENTS = ("front", "middle", "back", "front+middle+back")
 GEN_PLACEMENTS = ("front", "back", "front+back")
 TRANSLATION_TASK = "en_zh"  # the pairs' train split as translation (validation never seen)
 LABELS = ("否", "是")  # tasks/local.py MATCH_LABELS
-SEP_TEXT = "<sep>"  # tasks/downstream.py SEP
 CONVERGED_FRACTION = 0.99
 LESTER_RELATIVE_LR = 0.3  # Adafactor lr with parameter scaling: each step ~0.3 x the prompt's RMS
 
@@ -226,19 +225,17 @@ def rouge(params, config, val, max_new_tokens) -> float:
     return metrics.summary_metrics(refs, outs)["rouge_l"]
 
 
-def side_features(params, config, batches):
-    """Per pair: the frozen encoder's outputs averaged over each side of `<sep>` (a, c) as
-    [a, c, |a - c|, a * c] (sentence-pair features, Conneau et al. 2017), and the label."""
-    import jax
+def side_features(encode, params, batches):
+    """Per pair: the frozen encoder's outputs (`encode(params, tokens)`) averaged over each side
+    of `<sep>` (a, c) as [a, c, |a - c|, a * c] (sentence-pair features, Conneau et al. 2017),
+    and the label."""
     import numpy as np
 
-    from cpm2_jax.model.transformer import EncoderDecoder
+    from cpm2_jax.tasks.downstream import SEP
     from cpm2_jax.tasks.settings import default_vocabulary
 
-    sep = default_vocabulary().encode(SEP_TEXT)[-1]
+    sep = default_vocabulary().encode(SEP)[-1]
     yes = label_ids()[LABELS.index("是"), 0]
-    model = EncoderDecoder(config)
-    encode = jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.encode))
     feats, labels = [], []
     for b in batches:
         tokens = b["encoder_input_tokens"]
@@ -276,12 +273,16 @@ def frozen_probe(backbone, config, data, args) -> dict:
     match signal for it to steer towards."""
     import jax
 
+    from cpm2_jax.model.transformer import EncoderDecoder
+
+    model = EncoderDecoder(config)
+    encode = jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.encode))  # compiled once
     fresh = jax.device_get(pre.make_trainer(config, steps=1, learning_rate=1e-3).init_state().params)
     train = data["train"][:args.probe_batches]
     out = {}
     for name, params in (("backbone", backbone), ("initialisation", fresh)):
-        x_train, y_train = side_features(params, config, train)
-        x_val, y_val = side_features(params, config, data["val"])
+        x_train, y_train = side_features(encode, params, train)
+        x_val, y_val = side_features(encode, params, data["val"])
         out[name] = round(logistic_accuracy(x_train, y_train, x_val, y_val), 4)
     out["train_examples"], out["validation_examples"] = int(len(y_train)), int(len(y_val))
     log(f"linear probe of the frozen encoder: {out}")

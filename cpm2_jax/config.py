@@ -105,10 +105,8 @@ class ModelConfig:
                       "num_encoder_layers", "num_decoder_layers", "relative_attention_num_buckets"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"ModelConfig.{field} must be positive, got {getattr(self, field)}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"ModelConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.param_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"ModelConfig.param_dtype must be float32 or bfloat16, got {self.param_dtype!r}")
+        check_choice("ModelConfig.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_choice("ModelConfig.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         check_choice("ModelConfig.cpu_weight_grads", self.cpu_weight_grads, CPU_WEIGHT_GRADS)
         check_choice("ModelConfig.ffn_activation", self.ffn_activation, FFN_ACTIVATIONS)
         if self.num_experts < 0:
