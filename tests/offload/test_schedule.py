@@ -1,5 +1,6 @@
 """The InfMoE schedule: both constraints hold whenever some order satisfies them (brute force
-over all orders, T <= 7); never worse than in-order on simulated makespan; the simulator by hand."""
+over all orders, T <= 7); never worse than in-order on simulated makespan; the simulator by hand;
+the K-aware lower bound against the best order."""
 import itertools
 
 import numpy as np
@@ -35,6 +36,26 @@ def test_simulator_by_hand():
     assert tl.load_end == (0.0, 1.0) and tl.makespan == 2.0
     # Deadlock: the only slot is held by a resident expert scheduled after a streamed one.
     assert S.simulate([0, 1], [1.0, 1.0], 1.0, 1, resident=[1]).makespan == float("inf")
+
+
+def test_k_lower_bound_is_never_beaten_and_is_reached():
+    """k_lower_bound against the best of all orders (T <= 6, light experts included: the last
+    expert computes after its load); the by-hand case where it is the optimum."""
+    rng = np.random.default_rng(7)
+    slack = []
+    for _ in range(150):
+        t, k = int(rng.integers(2, 7)), int(rng.integers(2, 5))
+        c = list(rng.choice([0.05, 0.25, 1.0, 3.0, 6.0], size=t) * rng.uniform(0.8, 1.2, size=t))
+        best = min(S.simulate(p, c, 1.0, k).makespan for p in itertools.permutations(range(t)))
+        bound = S.k_lower_bound(c, 1.0, k)
+        assert bound <= best + 1e-9, (c, k, bound, best)
+        assert bound >= S.lower_bound(c, 1.0, range(t)) - 1e-9
+        slack.append(best - bound)
+    assert min(slack) < 1e-9  # reached in some cases
+    # K = 2, one heavy expert of 5 with three light ones of 0.1: the link idles 5 - 1 while it runs.
+    c = [5.0, 0.1, 0.1, 0.1]
+    assert S.k_lower_bound(c, 1.0, 2) == pytest.approx(4 + 4.0 + 0.1)
+    assert min(S.simulate(p, c, 1.0, 2).makespan for p in itertools.permutations(range(4))) == pytest.approx(8.1)
 
 
 @pytest.mark.parametrize("seed", range(3))
