@@ -13,8 +13,11 @@ Beyond InfMoE:
 - an expert cache inside the K slots across layers and decoding steps: `lru`, or `lfu`
   (evict the expert its layer has needed least often so far: routing is skewed, so the hot
   experts of every layer stay);
-- prefetch of the next MoE layer's likely experts (the ones that layer has needed most often;
-  its router's input is not known yet), only into free slots or (lfu) over a colder entry;
+- prefetch of the next MoE layer's likely experts: that layer's router applied to this layer's
+  MoE input (computed in the same call as this layer's routing: the residual stream changes
+  little from one layer to the next), or, for the next decoding step's first layer (its token
+  is not chosen yet), the experts that layer has needed most often; only into free slots or
+  (lfu) over a colder entry;
 - int8 transfer (per-column scales, dequantised on the device once, at the expert's first
   computation: the slot then keeps float32 weights, so computations and cache hits never
   repeat it);
@@ -78,8 +81,9 @@ class Stats:
     host_computes: int = 0
     transfer_time: float = 0.0
     wait_time: float = 0.0  # the main thread waiting for weights
-    moe_time: float = 0.0  # wall time of the MoE layers (route to output)
-    lower_bound: float = 0.0  # sum over layers of max(sum of compute, sum of loads)
+    # Over the MoE layers that load experts (a layer served by the cache has no transfer to overlap):
+    moe_time: float = 0.0  # their wall time (token counts read to experts done)
+    lower_bound: float = 0.0  # sum over them of max(sum of compute, sum of loads)
     layers: int = 0
     timeline: list = dataclasses.field(default_factory=list)
 
@@ -158,7 +162,11 @@ def _packed_apply(window, buffer, *, activation: str, dtype: str, layout: Layout
 
 
 _add_rows = jax.jit(split_moe.add_rows, donate_argnums=(0,))  # a host-computed expert's output, on the device
-_dequantise = jax.jit(dequantise, static_argnames=("layout", "dtype"))
+@functools.partial(jax.jit, static_argnames=("layout", "dtype"))
+def _dequantise(buffer, *, layout: Layout, dtype: str):
+    """An int8 expert's float weights, and a flag ready with them (the release thread waits on
+    the flag: the weights may be evicted, and deleted, before it looks)."""
+    return dequantise(buffer, layout, dtype), buffer[0]
 
 
 class _Release(typing.NamedTuple):
@@ -211,7 +219,8 @@ class OffloadRunner:
             raise ValueError("a shared expert store must have the runner's int8 setting and device")
         self.store = store or ExpertStore(config, experts, int8=options.int8, device=self.device)
         self._split = None if options.int8 else self.store.layout  # float experts arrive split into weights
-        self.model = SteppedModel(config, jax.device_put(resident, self.device), moe_rows=self.moe_rows)
+        self.model = SteppedModel(config, jax.device_put(resident, self.device), moe_rows=self.moe_rows,
+                                  lookahead=options.prefetch)
         self.order = self.model.moe_layers()
         # How often each layer has needed each expert (the lfu cache's score, prefetch's guess).
         self.frequency = {key: np.zeros(config.num_experts, np.int64) for key in self.order}
@@ -229,6 +238,8 @@ class OffloadRunner:
         self.link = Link(self.device, options.bandwidth)
         self.stats = Stats()
         self._prefetched: set = set()
+        self._error: Optional[BaseException] = None  # the transfer thread's failure
+        self._deferred: list = []  # cache-hit layers not waited for: ([(key, start)], last computation's flag)
         self._transfers: queue.Queue = queue.Queue()
         self._releases: queue.Queue = queue.Queue()
         self._t0 = time.perf_counter()
@@ -248,12 +259,13 @@ class OffloadRunner:
         read it, and the release thread deletes the int8 buffer once it is done."""
         if not self.options.int8:
             return buf
-        weights = Expert(_dequantise(buf, layout=self.store.layout, dtype=self.config.dtype))
+        weights, ready = _dequantise(buf, layout=self.store.layout, dtype=self.config.dtype)
+        weights = Expert(weights)
         if wait:
             weights.block_until_ready()
             buf.delete()
         else:
-            self._releases.put(_Release("arrive", buf, weights))
+            self._releases.put(_Release("arrive", buf, ready))
         return weights
 
     def _weights(self, key) -> dict:
@@ -294,13 +306,25 @@ class OffloadRunner:
                 return
             try:
                 self._transfer(*item)
+            except BaseException as exc:  # the main thread raises it instead of waiting forever
+                self._error = exc
+                self.slots.event(item[0]).set()
             finally:
                 self._transfers.task_done()
 
-    def _transfer(self, key, prefetch: bool, requested: float):
+    def _transfer(self, key, prefetch: Optional[str], requested: float):
+        """Loads `key`: a demand load (`prefetch` None) into a free slot or the cache's victim's,
+        waiting for one; a prefetch never waits. A "router" prefetch (the next layer's router
+        picked it) takes the slot its demand load would take, earlier; a "history" one (the
+        next step's first layer, by how often it was needed) only a free slot, an unused
+        earlier prefetch's or (lfu) a colder entry's."""
         if key in self.slots:  # already there or on its way (an earlier prefetch)
             return
-        if prefetch:  # a free slot, an unused earlier prefetch's, or (lfu) a colder entry's
+        if prefetch == "router":
+            ready = self.slots.reserve(key, wait=False)
+            if ready is None:
+                return
+        elif prefetch:
             def evict(victim):
                 if victim in self._prefetched and victim[:2] != key[:2]:  # for a layer that has passed
                     return True
@@ -317,12 +341,12 @@ class OffloadRunner:
         with self._lock:
             st = self.stats
             st.loads += 1
-            st.prefetches += int(prefetch)
+            st.prefetches += int(prefetch is not None)
             if prefetch:
                 self._prefetched.add(key)
             st.bytes_moved += self.store.expert_bytes
             st.transfer_time += end - start
-            st.timeline.append(("load", key, start, end))
+            st.timeline.append(("prefetch" if prefetch else "load", key, start, end))
 
     def _release_loop(self):
         if self.options.link_cores:  # a host thread, like the link's: off the cores that compute
@@ -332,7 +356,11 @@ class OffloadRunner:
             if item is None:
                 return
             kind, key, done, start = item
-            done.block_until_ready()
+            try:
+                done.block_until_ready()
+            except BaseException as exc:  # the main thread raises it at its next wait for weights
+                self._error = exc
+                continue
             if kind == "arrive":  # an int8 expert dequantised: its transferred buffer can go
                 key.delete()
                 continue
@@ -342,7 +370,30 @@ class OffloadRunner:
             with self._lock:
                 self.stats.timeline.append((kind, key, start, end))
 
+    def _settle(self) -> None:
+        """Releases the slots of the layers `moe_rows` returned from without waiting: waits for
+        each one's last computation (done already when called after a later layer's counts),
+        then unpins its experts, records their spans and the layer's time (both ending when
+        seen done: an overestimate by up to the next layer's attention)."""
+        while self._deferred:
+            inline, done, begin, bound = self._deferred.pop(0)
+            done.block_until_ready()
+            end = self._now()
+            for key, _ in inline:
+                self.slots.unpin(key, keep=self._keep)
+            with self._lock:
+                self.stats.timeline.extend(("compute", key, start, end) for key, start in inline)
+            self._account(begin, bound)
+
+    def _account(self, begin: float, bound: Optional[float]) -> None:
+        """A layer that loaded experts, done now: its time from its counts on, and its lower bound."""
+        if bound is not None:
+            with self._lock:
+                self.stats.moe_time += time.perf_counter() - begin
+                self.stats.lower_bound += bound
+
     def close(self) -> None:
+        self._settle()
         self._transfers.put(None)
         self._releases.put(None)
         for t in self._threads:
@@ -364,28 +415,36 @@ class OffloadRunner:
             return self.order[i + 1]
         return next((key for key in self.order if key[0] == "decoder"), self.order[0])
 
-    def _prefetch(self, stack: str, index: int, wanted: int) -> None:
-        """Queues the next MoE layer's `wanted` most often needed experts that are not on the
-        device (the transfer thread takes them only into free slots, or over colder entries)."""
+    def _prefetch(self, stack: str, index: int, wanted: int, guess) -> None:
+        """Queues the experts the next MoE layer will likely need that are not on the device (the
+        transfer thread takes them only into free slots, or over colder entries): those its
+        router picks for this layer's input (`guess`, from the stepped model's lookahead; the
+        most picked first, at most K), else - the next decoding step's first layer, whose input
+        token is not known yet - the `wanted` (a step's rows x top-k) that layer has needed most often."""
         nxt = self._next_layer(stack, index)
-        freq = self.frequency[nxt]
-        for e in np.argsort(-freq, kind="stable")[:wanted]:
+        score = self.frequency[nxt] if guess is None else np.asarray(guess)
+        for e in np.argsort(-score, kind="stable")[:wanted if guess is None else self.options.device_experts]:
             key = nxt + (int(e),)
-            if freq[e] > 0 and key not in self.slots:
-                self._transfers.put((key, True, time.perf_counter()))
+            if score[e] > 0 and key not in self.slots:
+                self._transfers.put((key, "history" if guess is None else "router", time.perf_counter()))
 
     def moe_ffn(self, stack: str, index: int, h: jax.Array) -> jax.Array:
         """One MoE layer's output for its FFN input h [B, L, d]: route, the experts, combine."""
         routed = split_moe.route(self.config, self.model.moe_params(stack, index)["router"], h)
         out = self.moe_rows(stack, index, routed, split_moe.empty_output(routed))
-        return split_moe.combine(out, routed, self.config.dtype).block_until_ready()
+        out = split_moe.combine(out, routed, self.config.dtype).block_until_ready()
+        self._settle()
+        return out
 
-    def moe_rows(self, stack: str, index: int, routed: split_moe.RoutedTokens, out: jax.Array) -> jax.Array:
+    def moe_rows(self, stack: str, index: int, routed: split_moe.RoutedTokens, out: jax.Array,
+                 guess: Optional[jax.Array] = None) -> jax.Array:
         """The experts' output rows of one routed MoE layer (the layer-stepped model's `moe_rows`):
-        the token counts read once, the experts loaded and computed in the schedule's order."""
+        the token counts read once, the experts loaded and computed in the schedule's order;
+        `guess` (with prefetch): the next MoE layer's router on this layer's input."""
         c, opts = self.config, self.options
         layer = (stack, index)
         counts = np.asarray(routed.counts)  # the one wait for the device before the experts
+        self._settle()  # the earlier layers' computations are done (this layer's input needed them)
         begin = time.perf_counter()  # the lower bound's span: the experts, from their counts on
         active = [e for e in range(c.num_experts) if counts[e] > 0]
         keys = {e: layer + (e,) for e in active}
@@ -405,10 +464,10 @@ class OffloadRunner:
         requested = time.perf_counter()
         for e in order:
             if e not in cached:
-                self._transfers.put((keys[e], False, requested))
+                self._transfers.put((keys[e], None, requested))
         self.frequency[layer][active] += 1
         if opts.prefetch:
-            self._prefetch(stack, index, wanted=len(active))
+            self._prefetch(stack, index, wanted=routed.shape[0] * c.moe_top_k, guess=guess)
         starts = split_moe.offsets(counts)
         kw = dict(activation=c.ffn_activation, dtype=c.dtype, layout=self.store.layout)  # the host's copy as stored
         if host:  # first: they need no load, so they hide the first one
@@ -423,16 +482,24 @@ class OffloadRunner:
                 self._releases.put(_Release("host", keys[e], y, start))
         waited = 0.0
         streamed = len(device) - len(cached)
-        # A computation frees its slot when it is done: while this layer still loads, the
-        # release thread sees each finish (a waiting load takes the slot at once); when every
-        # expert is on the device already, nothing waits for a slot, and the slots are released
-        # here once the layer is done (no thread hand-off per expert: decoding steps that hit
-        # the cache cost one core fewer context switches per expert).
-        inline = [] if streamed == 0 else None
+        bound = None if streamed == 0 else max(  # no load, no transfer to overlap
+            sum(compute[e] for e in device) + sum(self.cost.host(int(counts[e])) for e in host),
+            streamed * self.cost.load)
+        # A computation frees its slot when it is done. When the layer's experts outnumber the
+        # K slots, a load may wait for a slot that one of them holds: the release thread sees
+        # each finish (the waiting load takes the slot at once). Otherwise no load of this
+        # layer waits for its computations: the layer returns without waiting for its experts,
+        # and their slots are released once the next MoE layer has its counts (`_settle`: that
+        # layer's input needed these computations) - no thread hand-off per expert and no wait
+        # per layer: a decoding step waits for the device once per MoE layer, and the device
+        # runs the next pieces while this thread waits for transfers.
+        inline = [] if len(order) <= opts.device_experts else None
         for e in order:
             event = self.slots.event(keys[e])
             t = time.perf_counter()
             event.wait()
+            if self._error is not None:
+                raise RuntimeError(f"the transfer of expert {keys[e]} failed") from self._error
             waited += time.perf_counter() - t
             n = int(counts[e])
             out, done = _slot_step(out, routed.rows, np.int32(starts[e]), np.int32(n), self._weights(keys[e]),
@@ -442,14 +509,11 @@ class OffloadRunner:
             else:
                 inline.append((keys[e], self._now()))
         self._dequantise_arrived()
-        out.block_until_ready()
-        elapsed = time.perf_counter() - begin
-        if inline:
-            end = self._now()
-            for key, start in inline:
-                self.slots.unpin(key, keep=self._keep)
-            with self._lock:
-                self.stats.timeline.extend(("compute", key, start, end) for key, start in inline)
+        if inline is None:
+            out.block_until_ready()
+            self._account(begin, bound)
+        elif inline:
+            self._deferred.append((inline, done, begin, bound))
         with self._lock:
             st = self.stats
             st.needed += len(active)
@@ -465,10 +529,7 @@ class OffloadRunner:
             st = self.stats
             st.host_computes += len(host)
             st.wait_time += waited
-            st.moe_time += elapsed
             st.layers += 1
-            st.lower_bound += max(sum(compute[e] for e in device) + sum(self.cost.host(int(counts[e])) for e in host),
-                                  streamed * self.cost.load)
         return out
 
     # ------------------------------------------------------------------ calibration
@@ -515,12 +576,17 @@ class OffloadRunner:
 
     # ------------------------------------------------------------------ decoding
     def greedy(self, encoder_input_tokens, *, max_new_tokens: int, min_new_tokens: int = 0):
-        return self.model.greedy(encoder_input_tokens, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+        out = self.model.greedy(encoder_input_tokens, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+        self._settle()
+        return out
 
     def beam_search(self, encoder_input_tokens, **kwargs):
-        return self.model.beam_search(encoder_input_tokens, **kwargs)
+        out = self.model.beam_search(encoder_input_tokens, **kwargs)
+        self._settle()
+        return out
 
     def reset_stats(self) -> None:
+        self._settle()
         with self._lock:
             self.stats = Stats()
             self.link.reset_counters()
@@ -528,6 +594,7 @@ class OffloadRunner:
     def empty_slots(self) -> None:
         """Waits for queued transfers (prefetches) to land, then empties every slot (a cold start;
         the routing frequencies are kept). All-resident: nothing to empty."""
+        self._settle()
         self._transfers.join()
         if self.all_resident:
             return

@@ -4,15 +4,21 @@ layers (move expert weights, schedule, cache) while everything else stays as `de
 Each piece is one jitted function reused by every layer of its kind: a dense layer is the
 model's own `EncoderLayer` / `DecoderLayer`; an MoE layer is one call for its attention part
 (the same submodules), the MoE input and the routing (split_moe.route), then
-`moe_rows(stack, index, routed, out)` - the experts with the weights at hand, or a runner
-streaming them - then one call for the combine and the residual. Relative-position bias, masks
+`moe_rows(stack, index, routed, out, guess)` - the experts with the weights at hand, or a runner
+streaming them; `guess`, with `lookahead`, the next MoE layer's router applied to this layer's
+MoE input (the experts that layer will likely need: a runner's prefetch) - the combine and the
+residual then done by the next piece. Relative-position bias, masks
 and the KV cache are built as in `model.transformer` / `decoding.init_cache`.
 
-Per decoding step the host issues one call for the embedding and the step's bias, two per MoE
-layer (plus one per expert with tokens), one per dense layer and one for the head with
-decoding.py's greedy choice; it waits for the device twice per MoE layer (the token counts,
-which the schedule needs; the experts' end) and once for the step's end flag. Fewer calls and
-waits are what a host-stepped decoder costs: each is ~0.1 ms of dispatch on the CPU.
+An MoE layer's output is not combined by a call of its own: the experts' rows travel as a
+`Pending` (x, rows, routing) that the next jitted piece combines first (the next layer, the
+encoder's final norm, or the head). Per decoding step the host issues one call per MoE layer
+before its experts (attention and routing, with the previous MoE layer's combine), one per
+expert with tokens, one per dense layer and one for the head with decoding.py's greedy choice
+and the next step's embedding and bias; it waits for the device once per MoE layer (the token
+counts, which the schedule needs; a runner may wait for the experts' end too) and once for the
+step's end flag past `min_new_tokens`. Fewer calls and waits are what a host-stepped decoder
+costs: each is ~0.1 ms of dispatch on the CPU.
 
 Greedy decoding is a host loop with decoding.py's per-step choice.
 Beam search reuses `decoding.py`'s loop: under `jax.disable_jit()` its `lax.while_loop` runs
@@ -26,6 +32,7 @@ import functools
 from typing import Callable, Optional
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -38,8 +45,10 @@ from cpm2_jax.model.transformer import DecoderLayer, EncoderLayer, _Layer
 from cpm2_jax.offload import split_moe
 
 STACKS = ("encoder", "decoder")
-# (stack, layer, routed tokens, zero output rows) -> the experts' output rows (split_moe.RoutedTokens)
-MoeRows = Callable[[str, int, split_moe.RoutedTokens, jax.Array], jax.Array]
+# (stack, layer, routed tokens, zero output rows, guess) -> the experts' output rows
+# (split_moe.RoutedTokens; guess: the next MoE layer's token counts per expert had its input been
+# this layer's, [E], or None)
+MoeRows = Callable[[str, int, split_moe.RoutedTokens, jax.Array, Optional[jax.Array]], jax.Array]
 
 
 class _EncoderAttention(_Layer):
@@ -70,14 +79,33 @@ class _MoeInput(_Layer):
         return x if self.config.moe_expert_norm else self._norm("pre_mlp_layer_norm")(x)
 
 
+@flax.struct.dataclass
+class Pending:
+    """An MoE layer's result before its combine: x + combine(rows, routed), computed inside
+    whichever jitted piece reads it next (`resolve`), so the combine costs no call of its own."""
+
+    x: jax.Array  # the layer's input to the MoE block's residual
+    rows: jax.Array  # the experts' output rows (split_moe's sorted layout)
+    routed: split_moe.RoutedTokens
+    dtype: str = flax.struct.field(pytree_node=False)
+
+
+def resolve(x):
+    """A `Pending` -> x + the MoE block's output (y_s = sum_a w_a out_a); anything else as is.
+    Traceable: called inside each jitted piece on its inputs."""
+    if isinstance(x, Pending):
+        return x.x + split_moe.combine(x.rows, x.routed, x.dtype).astype(x.x.dtype)
+    return x
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _apply(module: nn.Module, params, *args):
-    return module.apply({"params": params}, *args)
+    return module.apply({"params": params}, *map(resolve, args))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _apply_cached(module: nn.Module, params, cache, *args):
-    out, variables = module.apply({"params": params, "cache": cache}, *args, mutable=["cache"])
+    out, variables = module.apply({"params": params, "cache": cache}, *map(resolve, args), mutable=["cache"])
     return out, variables["cache"]
 
 
@@ -92,28 +120,30 @@ def _shape_cache(module: nn.Module, params, x, encoded):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _encoder_moe_in(attention: nn.Module, moe_input: nn.Module, params, x, bias):
-    """An encoder MoE layer up to its experts: (x after attention, routed tokens, zero output rows)."""
-    x = attention.apply({"params": params}, x, bias)
-    return (x, *_route(moe_input, params, x))
+def _encoder_moe_in(attention: nn.Module, moe_input: nn.Module, params, next_router, x, bias):
+    """An encoder MoE layer up to its experts: (x after attention, routed tokens, zero output
+    rows, the next MoE layer's guessed counts or None)."""
+    x = attention.apply({"params": params}, resolve(x), bias)
+    return (x, *_route(moe_input, params, next_router, x))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _decoder_moe_in(attention: nn.Module, moe_input: nn.Module, params, cache, x, *args):
-    """A decoder MoE layer up to its experts: (x after attention, cache, routed tokens, zero rows)."""
-    x, variables = attention.apply({"params": params, "cache": cache}, x, *args, mutable=["cache"])
-    return (x, variables["cache"], *_route(moe_input, params, x))
+def _decoder_moe_in(attention: nn.Module, moe_input: nn.Module, params, next_router, cache, x, *args):
+    """A decoder MoE layer up to its experts: (x after attention, cache, routed tokens, zero rows,
+    the next MoE layer's guessed counts or None)."""
+    x, variables = attention.apply({"params": params, "cache": cache}, resolve(x), *args, mutable=["cache"])
+    return (x, variables["cache"], *_route(moe_input, params, next_router, x))
 
 
-def _route(moe_input: nn.Module, params, x):
-    routed = split_moe.route(moe_input.config, params["moe"]["router"], moe_input.apply({"params": params}, x))
-    return routed, jnp.zeros(routed.rows.shape, jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _moe_out(dtype: str, x, out, routed):
-    """x + the MoE block's output (the experts' rows combined per token)."""
-    return x + split_moe.combine(out, routed, dtype).astype(x.dtype)
+def _route(moe_input: nn.Module, params, next_router, x):
+    """(routed tokens, zero output rows, guess): `guess` is the next MoE layer's router
+    (`next_router`, or None) applied to this layer's MoE input, its counts per expert - which
+    experts that layer will likely need (the residual stream changes little from one layer to
+    the next), known before this layer's experts run."""
+    h = moe_input.apply({"params": params}, x)
+    routed = split_moe.route(moe_input.config, params["moe"]["router"], h)
+    guess = None if next_router is None else split_moe.route(moe_input.config, next_router, h).counts
+    return routed, jnp.zeros(routed.rows.shape, jnp.float32), guess
 
 
 def _layer_tree(stack_tree: dict, index: int, scanned: bool) -> dict:
@@ -126,14 +156,18 @@ class SteppedModel:
     """`EncoderDecoder` at inference, one jitted call per layer piece (see module docstring).
 
     `moe_rows` runs the MoE layers' experts; by default with every expert's weights taken from
-    `params` (nothing offloaded). The non-expert weights stay as given.
+    `params` (nothing offloaded). `lookahead`: each MoE layer also applies the next MoE layer's
+    router (same stack) to its input, handed to `moe_rows` as `guess`. The non-expert weights
+    stay as given.
     """
 
-    def __init__(self, config: ModelConfig, params: dict, moe_rows: Optional[MoeRows] = None):
+    def __init__(self, config: ModelConfig, params: dict, moe_rows: Optional[MoeRows] = None,
+                 lookahead: bool = False):
         self.config = c = config
         params = nn.meta.unbox(params)
         self.params = params
         self.moe_rows = moe_rows or self.resident_moe_rows
+        self.lookahead = lookahead
         scanned = c.scan_layers
         self.layers = {s: [_layer_tree(params[s], i, scanned) for i in range(self.num_layers(s))] for s in STACKS}
         kw = dict(config=c, deterministic=True)
@@ -166,11 +200,20 @@ class SteppedModel:
     def moe_params(self, stack: str, index: int) -> dict:
         return self.layers[stack][index]["moe"]
 
-    def resident_moe_rows(self, stack: str, index: int, routed, out) -> jax.Array:
+    def next_moe_layer(self, stack: str, index: int) -> Optional[int]:
+        """The next MoE layer after `index` in the same stack (None after the stack's last)."""
+        return next((i for i in range(index + 1, self.num_layers(stack)) if self.is_moe(stack, i)), None)
+
+    def _next_router(self, stack: str, index: int) -> Optional[dict]:
+        """The router `guess` applies: the next MoE layer's (same stack), with `lookahead`."""
+        nxt = self.next_moe_layer(stack, index) if self.lookahead else None
+        return None if nxt is None else self.moe_params(stack, nxt)["router"]
+
+    def resident_moe_rows(self, stack: str, index: int, routed, out, guess=None) -> jax.Array:
         return split_moe.resident_rows(self.config, self.moe_params(stack, index), routed, out)
 
-    def _experts(self, stack: str, index: int, x, routed, out) -> jax.Array:
-        return _moe_out(self.config.dtype, x, self.moe_rows(stack, index, routed, out), routed)
+    def _experts(self, stack: str, index: int, x, routed, out, guess) -> Pending:
+        return Pending(x, self.moe_rows(stack, index, routed, out, guess), routed, self.config.dtype)
 
     # ------------------------------------------------------------------ encoder
     def encode(self, encoder_input_tokens) -> jax.Array:
@@ -182,7 +225,8 @@ class SteppedModel:
         bias = _encoder_bias(self._relpos[True], p["encoder"]["relpos_bias"], valid, length)
         for i, lp in enumerate(self.layers["encoder"]):
             if self.is_moe("encoder", i):
-                x = self._experts("encoder", i, *_encoder_moe_in(self._enc_attention, self._moe_input, lp, x, bias))
+                x = self._experts("encoder", i, *_encoder_moe_in(self._enc_attention, self._moe_input, lp,
+                                                                 self._next_router("encoder", i), x, bias))
             else:
                 x = _apply(self._enc_layer, lp, x, bias)
         return _apply(self._norm, p["encoder"]["encoder_norm"], x)
@@ -198,24 +242,33 @@ class SteppedModel:
         cross = mask_to_bias(attention_mask(None, tokens > 0))
         return {"layers": layers, "index": jnp.zeros((), jnp.int32), "encoded": encoded, "cross_bias": cross}
 
-    def _decoder(self, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
-        """(tokens [n], state) -> (the last layer's output [n, 1, d], state): one decoder position."""
+    def _step_input(self, tokens, index, max_length: int) -> tuple:
         p = self.params
-        index = state["index"]
-        max_length = state["layers"][0]["self_attention"]["cached_key"].shape[1]
-        x, self_bias = _step_input(self._embed, self._relpos[False], max_length, p["token_embedder"],
-                                   p["decoder"]["relpos_bias"], jnp.asarray(tokens, jnp.int32), index)
-        enc, cross = state["encoded"], state["cross_bias"]
+        return _step_input(self._embed, self._relpos[False], max_length, p["token_embedder"],
+                           p["decoder"]["relpos_bias"], jnp.asarray(tokens, jnp.int32), index)
+
+    def _decoder(self, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+        """(tokens [n], state) -> (the last layer's output [n, 1, d] or its `Pending`, state): one
+        decoder position."""
+        x, self_bias = self._step_input(tokens, state["index"], _max_length(state))
+        x, caches = self._layers(x, self_bias, state)
+        return x, {**state, "layers": caches, "index": state["index"] + 1}
+
+    def _layers(self, x, self_bias, state: dict) -> tuple:
+        """The decoder layers on the step's embedded tokens at position state["index"]:
+        (the last layer's output, the layers' caches)."""
+        index, enc, cross = state["index"], state["encoded"], state["cross_bias"]
         caches = []
         for i, (lp, cache) in enumerate(zip(self.layers["decoder"], state["layers"])):
             if self.is_moe("decoder", i):
-                x, cache, routed, out = _decoder_moe_in(self._dec_attention, self._moe_input, lp, cache, x, enc,
-                                                        self_bias, cross, index)
-                x = self._experts("decoder", i, x, routed, out)
+                x, cache, routed, out, guess = _decoder_moe_in(self._dec_attention, self._moe_input, lp,
+                                                               self._next_router("decoder", i), cache, x, enc,
+                                                               self_bias, cross, index)
+                x = self._experts("decoder", i, x, routed, out, guess)
             else:
                 x, cache = _apply_cached(self._dec_layer, lp, cache, x, enc, self_bias, cross, index)
             caches.append(cache)
-        return x, {**state, "layers": caches, "index": index + 1}
+        return x, caches
 
     def _head_args(self) -> tuple:
         p, dec = self.params, self.params["decoder"]
@@ -240,10 +293,16 @@ class SteppedModel:
         done, score = jnp.zeros((batch,), jnp.bool_), jnp.zeros((batch,), jnp.float32)
         out = []
         modules, head = self._head_args()
+        p, max_length = self.params, _max_length(state)
+        step_modules = (self._relpos[False], max_length)
+        x, self_bias = self._step_input(current, state["index"], max_length)
         for i in range(max_new_tokens):
-            x, state = self._decoder(current, state)
-            current, done, score, ended = _head_choice(*modules, min_new_tokens, eos_id, *head, x, done, score,
-                                                       jnp.int32(i))
+            y, caches = self._layers(x, self_bias, state)
+            # the head, the choice and the next step's input in one call
+            current, done, score, ended, x, self_bias, index = _head_choice(
+                *modules, min_new_tokens, eos_id, step_modules, *head, p["decoder"]["relpos_bias"], y, done, score,
+                state["index"])
+            state = {**state, "layers": caches, "index": index}
             out.append(current)
             if i >= min_new_tokens and bool(ended):  # no row ends before min_new_tokens: no wait until then
                 break
@@ -282,13 +341,21 @@ def _greedy_choice(logits, done, score, i, min_new_tokens: int, eos_id: int):
     return chosen, jnp.logical_or(done, chosen == eos_id), score + jnp.where(done, 0.0, logp)
 
 
-@functools.partial(jax.jit, static_argnums=tuple(range(6)))
-def _head_choice(config, norm, logits, embed, min_new_tokens: int, eos_id: int, norm_params, logits_params,
-                 embed_params, x, done, score, i):
-    """The head and the greedy choice in one call: (chosen, done, score, every row done)."""
+@functools.partial(jax.jit, static_argnums=tuple(range(7)))
+def _head_choice(config, norm, logits, embed, min_new_tokens: int, eos_id: int, step_modules: tuple, norm_params,
+                 logits_params, embed_params, relpos_table, x, done, score, index):
+    """The head, the greedy choice at step `index` and the next step's input, in one call:
+    (chosen, done, score, every row done, next embeddings, next self-attention bias, index + 1).
+    `step_modules`: the decoder's relative-position module and the cache length."""
     out = _head(config, norm, logits, embed, norm_params, logits_params, embed_params, x)
-    chosen, done, score = _greedy_choice(out, done, score, i, min_new_tokens, eos_id)
-    return chosen, done, score, done.all()
+    chosen, done, score = _greedy_choice(out, done, score, index, min_new_tokens, eos_id)
+    relpos, max_length = step_modules
+    nxt, bias = _step_input(embed, relpos, max_length, embed_params, relpos_table, chosen, index + 1)
+    return chosen, done, score, done.all(), nxt, bias, index + 1
+
+
+def _max_length(state: dict) -> int:
+    return state["layers"][0]["self_attention"]["cached_key"].shape[1]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -316,7 +383,7 @@ def _step_bias(relpos: nn.Module, table: dict, index: jax.Array, max_length: int
 def _head(config: ModelConfig, norm: nn.Module, logits: nn.Module, embed: nn.Module, norm_params, logits_params,
           embed_params, x):
     """decoder_norm, then the output matrix (or the tied embedding), as model.transformer.Decoder."""
-    x = norm.apply({"params": norm_params}, x)
+    x = norm.apply({"params": norm_params}, resolve(x))
     if config.tie_word_embeddings:
         out = embed.apply({"params": embed_params}, x * config.d_model ** -0.5, method=embed.attend)
     else:

@@ -94,6 +94,41 @@ def test_cache_prefetch_and_schedule_change_timing_only():
     assert stats["host+prefetch"].prefetches > 0 and stats["host+prefetch"].hits > 0
 
 
+def test_router_prefetch_loads_what_the_next_layers_router_picks_and_every_slot_is_released():
+    """Layers that share one router: the next layer's router on a layer's input picks that
+    layer's own experts, so the decoder's second layer is prefetched the experts the first one
+    computed (and its misses, if any, loaded on demand); the tokens do not change. After
+    decoding no slot stays pinned. (One row: a layer needs one expert, so K = 4 slots always
+    have room for the prefetch.)"""
+    from tests.offload.test_stepped import _shared_routers
+
+    c, params = tiny(moe=True)
+    params = _shared_routers(params)
+    enc = inputs(batch=1)
+    with runner(c, params, device_experts=c.num_experts, cache="none", prefetch=True) as r:
+        got = r.greedy(enc, max_new_tokens=MAX_NEW)
+        assert not r.slots.pins and not r._deferred
+        events = [(kind, key[:2], key[2]) for kind, key, *_ in r.stats.timeline]
+        first = {e for kind, layer, e in events if kind == "compute" and layer == ("decoder", 0)}
+        guessed = {e for kind, layer, e in events if kind == "prefetch" and layer == ("decoder", 1)}
+        assert guessed and guessed <= first, (guessed, first)
+    with runner(c, params, device_experts=c.num_experts, cache="none") as r:
+        np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(r.greedy(enc, max_new_tokens=MAX_NEW).tokens))
+        assert r.stats.prefetches == 0
+
+
+def test_a_failed_transfer_is_raised_not_waited_for():
+    c, params = tiny(moe=True)
+    with runner(c, params, device_experts=2) as r:
+        def broken(*args, **kwargs):
+            raise OSError("link down")
+
+        r.link.transfer = broken
+        with pytest.raises(RuntimeError, match="transfer of expert") as info:
+            r.greedy(inputs(), max_new_tokens=2)
+        assert isinstance(info.value.__cause__, OSError)
+
+
 def test_int8_transfer_keeps_greedy_tokens():
     """Stated tolerance: int8 with per-column scales changes a layer's output by < 2% of its
     largest value, and >= 99% of greedy tokens agree with float32 on the tiny model (as

@@ -51,3 +51,45 @@ def test_moe_greedy_tokens_are_the_teacher_forced_argmax():
     for row, n in zip(range(tokens.shape[0]), np.asarray(out.lengths)):
         np.testing.assert_array_equal(tokens[row, :n], argmax[row, :n])
     assert len(set(tokens.ravel().tolist())) > 2  # not a degenerate constant output
+
+
+def _shared_routers(params: dict) -> dict:
+    """The MoE model with every layer of a stack routing by its first layer's router."""
+    params = jax.tree.map(lambda a: a, params)  # a copy of the nesting
+    for stack in ("encoder", "decoder"):
+        first = params[stack]["layers_0"]["moe"]["router"]
+        for name, layer in params[stack].items():
+            if name.startswith("layers_") and "moe" in layer:
+                params[stack][name] = {**layer, "moe": {**layer["moe"], "router": first}}
+    return params
+
+
+def test_lookahead_guess_is_the_next_layers_router_on_this_layers_input():
+    """With every layer of a stack routing by one router, the next layer's router on this
+    layer's input routes exactly as this layer: the guess equals this layer's counts. The last
+    MoE layer of a stack has no guess, and lookahead never changes the tokens."""
+    c, own = tiny(moe=True)
+    enc = inputs()
+
+    def guesses(params):
+        seen = []
+        model = SteppedModel(c, params, lookahead=True)
+
+        def rows(stack, index, routed, out, guess=None):
+            seen.append((stack, index, np.asarray(routed.counts), None if guess is None else np.asarray(guess)))
+            return model.resident_moe_rows(stack, index, routed, out)
+
+        model.moe_rows = rows
+        got = model.greedy(enc, max_new_tokens=4)
+        plain = SteppedModel(c, params).greedy(enc, max_new_tokens=4)
+        np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(plain.tokens))
+        last = {s: max(i for t, i, *_ in seen if t == s) for s in ("encoder", "decoder")}
+        assert all((guess is None) == (index == last[stack]) for stack, index, _, guess in seen)
+        guessed = [(counts, guess) for stack, index, counts, guess in seen if index != last[stack]]
+        assert len(guessed) == 1 + 4  # the encoder's first layer, the decoder's first at each step
+        return guessed
+
+    for counts, guess in guesses(_shared_routers(own)):
+        np.testing.assert_array_equal(guess, counts)
+    # Each layer with its own router: the guesses are that router's, not this layer's routing.
+    assert any((guess != counts).any() for counts, guess in guesses(own))
