@@ -26,7 +26,8 @@ on the compute core its every wake-up took the core from the experts (0.66-0.79 
    precision's ceiling (the same runner with every expert resident at that precision, no
    link), medians of --reps runs interleaved across the arms. decode_speedup is the full
    design (lfu cache + prefetch + int8) against float32 in-order streaming (the public
-   release); like-with-like speedups and ceilings beside it.
+   release); like-with-like speedups and ceilings beside it, and the int8 lfu cache without
+   prefetch (prefetch_gain_int8: what the prefetch adds to the cache).
 3. int8 transfer against float32: greedy-token agreement teacher-forced along the float32
    path (8 prompts), with the float32 top-2 logit margin, the int8 logit change, their
    relative error and the agreement on the steps that are not near ties (see int8_agreement).
@@ -187,7 +188,9 @@ def decode_benchmark(args, rng, bandwidth: float, link_cores) -> dict:
     arms = {"inorder_stream": OffloadOptions(schedule="inorder", cache="none", **base),
             "cache_prefetch": OffloadOptions(cache="lfu", prefetch=True, **base),
             "inorder_stream_int8": OffloadOptions(schedule="inorder", cache="none", int8=True, **base),
-            "cache_prefetch_int8": OffloadOptions(cache="lfu", prefetch=True, int8=True, **base)}
+            "cache_prefetch_int8": OffloadOptions(cache="lfu", prefetch=True, int8=True, **base),
+            # the cache alone (int8): what the prefetch adds to it
+            "cache_int8": OffloadOptions(cache="lfu", int8=True, **base)}
     if args.real_link:  # host compute: on the CPU the host is the device (its "host" copy is a load)
         arms["cache_prefetch_int8_host"] = OffloadOptions(cache="lfu", prefetch=True, int8=True, host_compute=True,
                                                           **base)
@@ -242,6 +245,7 @@ def decode_benchmark(args, rng, bandwidth: float, link_cores) -> dict:
     out["speedup_cache_prefetch_f32"] = out["speedup_cache_prefetch"]
     out["speedup_cache_prefetch_int8_vs_inorder_int8"] = round(rate["cache_prefetch_int8"] /
                                                                rate["inorder_stream_int8"], 3)
+    out["prefetch_gain_int8"] = round(rate["cache_prefetch_int8"] / rate["cache_int8"], 3)  # > 1: prefetch pays
     out["decode_speedup_ceiling_f32"] = out.pop("speedup_resident")
     out["decode_speedup_ceiling_int8"] = out.pop("speedup_resident_int8")
     t_in, t_res, t_full = (out[k]["seconds"] for k in ("inorder_stream", "resident_int8", "cache_prefetch_int8"))
@@ -254,7 +258,7 @@ def decode_benchmark(args, rng, bandwidth: float, link_cores) -> dict:
     out["same_tokens_f32"] = bool(all((tokens[a] == tokens["inorder_stream"]).all()
                                       for a in ("resident", "cache_prefetch")))
     out["same_tokens_int8"] = bool(all((tokens[a] == tokens["resident_int8"]).all()
-                                       for a in ("inorder_stream_int8", "cache_prefetch_int8")))
+                                       for a in ("inorder_stream_int8", "cache_prefetch_int8", "cache_int8")))
     if getattr(args, "int8_check", True):
         out["int8"] = int8_agreement(c, params, rng, args)
     return out
@@ -382,6 +386,7 @@ def main(argv=None, name: str = "offload") -> dict:
               "link_achieved_fraction": layer["link_achieved_fraction"], "decode_speedup": decode["decode_speedup"],
               "decode_speedup_ceiling_f32": decode["decode_speedup_ceiling_f32"],
               "decode_speedup_ceiling_int8": decode["decode_speedup_ceiling_int8"],
+              "decode_prefetch_gain_int8": decode["prefetch_gain_int8"],
               "int8_teacher_forced_agreement": decode["int8"]["teacher_forced_agreement"],
               "int8_agreement_not_near_tied": decode["int8"]["agreement_not_near_tied"],
               "targets": {"infmoe_efficiency": 0.9, "decode_speedup": 2.5}}
