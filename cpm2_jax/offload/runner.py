@@ -14,8 +14,8 @@ Beyond InfMoE:
   (evict the expert its layer has needed least often so far: routing is skewed, so the hot
   experts of every layer stay);
 - prefetch of the next MoE layer's likely experts: that layer's router applied to this layer's
-  MoE input (computed in the same call as this layer's routing: the residual stream changes
-  little from one layer to the next), or, for the next decoding step's first layer (its token
+  MoE input (computed in the same call as this layer's routing: in a trained model the residual
+  stream changes little from one layer to the next), or, for the next decoding step's first layer (its token
   is not chosen yet), the experts that layer has needed most often; only into free slots or
   (lfu) over a colder entry;
 - int8 transfer (per-column scales, dequantised on the device once, at the expert's first
