@@ -16,8 +16,8 @@ Beyond InfMoE:
 - prefetch of the next MoE layer's likely experts: that layer's router applied to this layer's
   MoE input (computed in the same call as this layer's routing: in a trained model the residual
   stream changes little from one layer to the next), or, for the next decoding step's first layer (its token
-  is not chosen yet), the experts that layer has needed most often; only into free slots or
-  (lfu) over a colder entry;
+  is not chosen yet), the experts that layer has needed most often; a router prefetch takes
+  the slot its demand load would, a history one only a free slot or (lfu) a colder entry's;
 - int8 transfer (per-column scales, dequantised on the device once, at the expert's first
   computation: the slot then keeps float32 weights, so computations and cache hits never
   repeat it);
@@ -239,7 +239,9 @@ class OffloadRunner:
         self.stats = Stats()
         self._prefetched: set = set()
         self._error: Optional[BaseException] = None  # the transfer thread's failure
-        self._deferred: list = []  # cache-hit layers not waited for: ([(key, start)], last computation's flag)
+        # layers `moe_rows` returned from without waiting: ([(key, start)], last computation's flag,
+        # perf_counter at their counts, lower bound or None) - `_settle` releases them
+        self._deferred: list = []
         self._transfers: queue.Queue = queue.Queue()
         self._releases: queue.Queue = queue.Queue()
         self._t0 = time.perf_counter()
@@ -320,17 +322,13 @@ class OffloadRunner:
         earlier prefetch's or (lfu) a colder entry's."""
         if key in self.slots:  # already there or on its way (an earlier prefetch)
             return
-        if prefetch == "router":
-            ready = self.slots.reserve(key, wait=False)
-            if ready is None:
-                return
-        elif prefetch:
-            def evict(victim):
-                if victim in self._prefetched and victim[:2] != key[:2]:  # for a layer that has passed
+        if prefetch:
+            def colder(victim):  # an unused prefetch for a layer that has passed, or (lfu) a colder entry
+                if victim in self._prefetched and victim[:2] != key[:2]:
                     return True
                 return self.options.cache == "lfu" and self.slots.score(victim) < self.slots.score(key)
 
-            ready = self.slots.reserve(key, wait=False, evict=evict)
+            ready = self.slots.reserve(key, wait=False, evict=True if prefetch == "router" else colder)
             if ready is None:
                 return
         else:
@@ -417,8 +415,8 @@ class OffloadRunner:
 
     def _prefetch(self, stack: str, index: int, wanted: int, guess) -> None:
         """Queues the experts the next MoE layer will likely need that are not on the device (the
-        transfer thread takes them only into free slots, or over colder entries): those its
-        router picks for this layer's input (`guess`, from the stepped model's lookahead; the
+        transfer thread never waits for a slot for them, `_transfer`): those its router picks
+        for this layer's input (`guess`, from the stepped model's lookahead; the
         most picked first, at most K), else - the next decoding step's first layer, whose input
         token is not known yet - the `wanted` (a step's rows x top-k) that layer has needed most often."""
         nxt = self._next_layer(stack, index)
