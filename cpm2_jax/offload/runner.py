@@ -17,21 +17,29 @@ Beyond InfMoE:
   MoE input (computed in the same call as this layer's routing: in a trained model the residual
   stream changes little from one layer to the next), or, for the next decoding step's first layer (its token
   is not chosen yet), the experts that layer has needed most often; a router prefetch takes
-  the slot its demand load would, a history one only a free slot or (lfu) a colder entry's;
+  the slot its demand load would, a history one only a free slot or (lfu) a colder entry's.
+  Every guess is scored against what its layer then needs, and a kind of guess is acted on
+  only while its running precision is at least `prefetch_precision` (a wrong guess costs a
+  load, a dequantisation and an eviction; on the benchmark's random model the router's
+  guesses for decoding steps are rarely right, and its prefetch stops itself);
 - int8 transfer (per-column scales, dequantised on the device once, at the expert's first
   computation: the slot then keeps float32 weights, so computations and cache hits never
   repeat it);
 - a float expert arrives as its weights, each its own array (on the CPU, views of the link's
   staging buffer), so an expert call reads them in place;
 - host compute (`host_compute`): an expert that is not on the device and whose few tokens
-  cost less on the host than moving its weights (calibrated: host time(n) < load time b) runs
-  on the host (the CPU backend, reading the host buffer where it lies), its rows and output
-  crossing the link instead of its weights (as InfMoE's CPU fallback / Fiddler). Same
-  function of the same weights: outputs equal the device path.
+  cost less on the host than moving its weights (calibrated: host time(n) < load time b plus,
+  int8, the dequantisation) runs
+  on the host (`offload.host`: numpy in the dispatching thread, reading the host buffer where
+  it lies, while the device computes the cached experts), its rows and output crossing the
+  link instead of its weights (as InfMoE's CPU fallback / Fiddler). Same function of the same
+  weights: outputs equal the device path's within float32 summation order. With a cache, a
+  decoder layer's host-computed expert is also loaded behind its computation (a "fill": a
+  free slot or, lfu, a colder entry's), so the experts that recur move once and the rare ones
+  never.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import queue
@@ -45,72 +53,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpm2_jax.config import ModelConfig, dtype_of
-from cpm2_jax.errors import ConfigError, check_choice
+from cpm2_jax.offload import host as H
 from cpm2_jax.offload import schedule as S
 from cpm2_jax.offload import split_moe
+from cpm2_jax.offload.options import CACHES, SCHEDULES, CostModel, OffloadOptions, Stats, check_options  # noqa: F401
 from cpm2_jax.offload.stepped import STACKS, SteppedModel
-from cpm2_jax.offload.store import DeviceSlots, Expert, ExpertStore, Layout, Link, dequantise, unpack
-
-SCHEDULES = ("infmoe", "inorder")
-CACHES = ("lru", "lfu", "none")
-
-
-@dataclasses.dataclass(frozen=True)
-class OffloadOptions:
-    device_experts: int  # K: expert slots on the device
-    schedule: str = "infmoe"
-    cache: str = "none"
-    prefetch: bool = False
-    int8: bool = False
-    bandwidth: Optional[float] = None  # bytes/s of the modelled link (None: the real one)
-    host_compute: bool = False  # run cold experts with few tokens on the host
-    # CPU cores the transfer and release threads run on (paced link on the CPU: the link's own core, apart
-    # from the one the computation runs on, as a DMA engine is apart from the compute units;
-    # None: wherever the process runs)
-    link_cores: Optional[tuple] = None
-
-
-@dataclasses.dataclass
-class Stats:
-    loads: int = 0
-    bytes_moved: int = 0
-    needed: int = 0  # experts a layer computed
-    hits: int = 0  # ... of which were already on the device (or on their way: prefetched)
-    prefetches: int = 0
-    prefetch_hits: int = 0  # needed experts that a prefetch had brought
-    host_computes: int = 0
-    transfer_time: float = 0.0
-    wait_time: float = 0.0  # the main thread waiting for weights
-    # Over the MoE layers that load experts (a layer served by the cache has no transfer to overlap):
-    moe_time: float = 0.0  # their wall time (token counts read to experts done)
-    lower_bound: float = 0.0  # sum over them of max(sum of compute, sum of loads)
-    layers: int = 0
-    timeline: list = dataclasses.field(default_factory=list)
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.needed if self.needed else 0.0
-
-    @property
-    def efficiency(self) -> float:
-        return self.lower_bound / self.moe_time if self.moe_time else 0.0
-
-    @property
-    def link_bandwidth(self) -> float:
-        """bytes/s the link delivered while transferring (the set rate when the thread keeps up)."""
-        return self.bytes_moved / self.transfer_time if self.transfer_time else 0.0
-
-
-def check_options(config: ModelConfig, options: OffloadOptions) -> None:
-    if not config.is_moe:
-        raise ConfigError("the checkpoint is a dense model (num_experts = 0): nothing to offload; "
-                          "use `cpm2 infer` for dense checkpoints")
-    k = options.device_experts
-    if not 1 <= k <= config.num_experts:
-        raise ConfigError(f"--device_experts must be between 1 and the number of experts per layer "
-                          f"({config.num_experts}), got {k}")
-    check_choice("--schedule", options.schedule, SCHEDULES)
-    check_choice("--cache", options.cache, CACHES)
+from cpm2_jax.offload.store import DeviceSlots, Expert, ExpertStore, Link, dequantise
 
 
 def split_experts(config: ModelConfig, params: dict) -> tuple[dict, dict]:
@@ -153,15 +101,9 @@ def _slot_step(out, rows, offset, count, weights, *, tile: int, activation: str,
     return out, out[0, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "dtype", "layout"))
-def _packed_apply(window, buffer, *, activation: str, dtype: str, layout: Layout):
-    """One expert on its rows `window` [tile, d] from its packed buffer: the host-compute path
-    (runs where its arguments are: the host's CPU backend)."""
-    weights = unpack(buffer, layout, dtype_of(dtype))
-    return split_moe.expert_apply(window, weights, activation=activation, dtype=dtype_of(dtype)).astype(jnp.float32)
-
-
 _add_rows = jax.jit(split_moe.add_rows, donate_argnums=(0,))  # a host-computed expert's output, on the device
+
+
 @functools.partial(jax.jit, static_argnames=("layout", "dtype"))
 def _dequantise(buffer, *, layout: Layout, dtype: str):
     """An int8 expert's float weights, and a flag ready with them (the release thread waits on
@@ -172,7 +114,7 @@ def _dequantise(buffer, *, layout: Layout, dtype: str):
 class _Release(typing.NamedTuple):
     """What the release thread waits for (`done`), then does by `kind`: "arrive" deletes
     `item` (an int8 buffer dequantised); "compute" unpins `item` (an expert's key) and
-    records its span from `start`; "host" records a host-computed expert's span."""
+    records its span from `start`."""
 
     kind: str
     item: object
@@ -180,24 +122,6 @@ class _Release(typing.NamedTuple):
     start: Optional[float] = None
 
 
-@dataclasses.dataclass(frozen=True)
-class CostModel:
-    """Compute time of an expert with n tokens, overhead + n * per_token (seconds), and the load
-    time of one expert (bytes / bandwidth): the schedule's c_i and b."""
-
-    overhead: float
-    per_token: float
-    load: float
-    host_overhead: Optional[float] = None  # the same on the host (None: not calibrated)
-    host_per_token: float = 0.0
-
-    def compute(self, n: int) -> float:
-        return self.overhead + self.per_token * n if n > 0 else 0.0
-
-    def host(self, n: int) -> float:
-        if self.host_overhead is None:
-            return float("inf")
-        return self.host_overhead + self.host_per_token * n if n > 0 else 0.0
 
 
 class OffloadRunner:
@@ -213,7 +137,6 @@ class OffloadRunner:
         check_options(config, options)
         self.config, self.options = config, options
         self.device = device or jax.devices()[0]
-        self.host = jax.devices("cpu")[0]
         resident, experts = split_experts(config, params)
         if store is not None and (store.int8 != options.int8 or store.device != self.device):
             raise ValueError("a shared expert store must have the runner's int8 setting and device")
@@ -238,6 +161,11 @@ class OffloadRunner:
         self.link = Link(self.device, options.bandwidth)
         self.stats = Stats()
         self._prefetched: set = set()
+        self._raw: set = set()  # int8 keys filled and not yet dequantised (or evicted)
+        # the prefetch's guesses for a layer still to come {layer: (kind, experts)}, and each kind's
+        # running precision (from 1: prefetching until its guesses prove poor)
+        self._guesses: dict = {}
+        self.precision = {"router": 1.0, "history": 1.0}
         self._error: Optional[BaseException] = None  # the transfer thread's failure
         # layers `moe_rows` returned from without waiting: ([(key, start)], last computation's flag,
         # perf_counter at their counts, lower bound or None) - `_settle` releases them
@@ -287,9 +215,13 @@ class OffloadRunner:
         """Dispatches the dequantisation of every int8 expert already in a slot but not yet
         dequantised (prefetched, or loaded for a later layer): the device runs them after this
         layer's computations, while this thread is between layers, instead of at their first
-        use. Under the slots' lock, so none is evicted (and deleted) meanwhile."""
-        if self.options.int8:
-            self.slots.exchange(self._dequantise_raw)
+        use. Under the slots' lock, so none is evicted (and deleted) meanwhile. Only the keys
+        filled since the last call (`_raw`): a scan of every slot per layer took 13% of a
+        decoding step with all 128 experts resident."""
+        if self.options.int8 and self._raw:
+            with self._lock:
+                keys, self._raw = self._raw, set()
+            self.slots.exchange(self._dequantise_raw, keys=keys)
 
     @property
     def _keep(self) -> bool:
@@ -318,8 +250,9 @@ class OffloadRunner:
         """Loads `key`: a demand load (`prefetch` None) into a free slot or the cache's victim's,
         waiting for one; a prefetch never waits. A "router" prefetch (the next layer's router
         picked it) takes the slot its demand load would take, earlier; a "history" one (the
-        next step's first layer, by how often it was needed) only a free slot, an unused
-        earlier prefetch's or (lfu) a colder entry's."""
+        next step's first layer, by how often it was needed) or a "fill" (an expert the host
+        just computed, loaded behind it for the cache) only a free slot, an unused earlier
+        prefetch's or (lfu) a colder entry's."""
         if key in self.slots:  # already there or on its way (an earlier prefetch)
             return
         if prefetch:
@@ -336,15 +269,20 @@ class OffloadRunner:
         buf = self.link.transfer(self.store.buffers[key[:2]][key[2]], ready=max(ready, requested), split=self._split)
         start, end = (t - self._t0 for t in self.link.last)
         self.slots.fill(key, buf)  # int8: dequantised by the main thread when first computed (`_weights`)
+        if self.options.int8:
+            with self._lock:
+                self._raw.add(key)
         with self._lock:
             st = self.stats
             st.loads += 1
-            st.prefetches += int(prefetch is not None)
-            if prefetch:
+            st.fills += int(prefetch == "fill")
+            if prefetch in ("router", "history"):
+                st.prefetches += 1
                 self._prefetched.add(key)
             st.bytes_moved += self.store.expert_bytes
             st.transfer_time += end - start
-            st.timeline.append(("prefetch" if prefetch else "load", key, start, end))
+            kind = "load" if prefetch is None else "fill" if prefetch == "fill" else "prefetch"
+            st.timeline.append((kind, key, start, end))
 
     def _release_loop(self):
         if self.options.link_cores:  # a host thread, like the link's: off the cores that compute
@@ -418,13 +356,48 @@ class OffloadRunner:
         transfer thread never waits for a slot for them, `_transfer`): those its router picks
         for this layer's input (`guess`, from the stepped model's lookahead; the
         most picked first, at most K), else - the next decoding step's first layer, whose input
-        token is not known yet - the `wanted` (a step's rows x top-k) that layer has needed most often."""
+        token is not known yet - the `wanted` (a step's rows x top-k) that layer has needed most
+        often. Only while that kind of guess has been right often enough (`_score_guess`); the
+        guess is kept either way, to be scored against what the layer needs."""
         nxt = self._next_layer(stack, index)
+        kind = "history" if guess is None else "router"
         score = self.frequency[nxt] if guess is None else np.asarray(guess)
-        for e in np.argsort(-score, kind="stable")[:wanted if guess is None else self.options.device_experts]:
-            key = nxt + (int(e),)
-            if score[e] > 0 and key not in self.slots:
-                self._transfers.put((key, "history" if guess is None else "router", time.perf_counter()))
+        top = np.argsort(-score, kind="stable")[:wanted if guess is None else self.options.device_experts]
+        experts = [int(e) for e in top if score[e] > 0]
+        self._guesses[nxt] = (kind, experts)
+        if self.precision[kind] < self.options.prefetch_precision:
+            return
+        for e in experts:
+            if nxt + (e,) not in self.slots:
+                self._transfers.put((nxt + (e,), kind, time.perf_counter()))
+
+    def _score_guess(self, layer, active: list) -> None:
+        """The share of the prefetch's guess for `layer` that it needed, into its kind's running
+        precision (an exponential average over about ten guesses)."""
+        kind, experts = self._guesses.pop(layer, (None, ()))
+        if experts:
+            right = len(set(experts) & set(active))
+            self.precision[kind] += 0.1 * (right / len(experts) - self.precision[kind])
+            with self._lock:
+                self.stats.guessed += len(experts)
+                self.stats.guessed_right += right
+
+    def _host_experts(self, layer, experts, routed, counts, starts, out) -> jax.Array:
+        """`experts` computed on the host (`offload.host`, in this thread), each one's output rows
+        added into `out` on the device: its rows come over once (one device-to-host read of
+        the layer's rows), its outputs go back as one padded tile each."""
+        rows = np.asarray(routed.rows)
+        for e in experts:
+            n, lo = int(counts[e]), int(starts[e])
+            start = self._now()
+            y = H.expert_rows(rows[lo:lo + split_moe.bucket(n)],
+                              H.host_weights(self.store.buffers[layer][e], self.store.layout), self.config.ffn_activation)
+            # y as the call's argument: a device_put first (to the CPU device) queued its copy
+            # behind the device's computations (0.36 ms a row of 256 against 0.1 ms for the call)
+            out = _add_rows(out, y, np.int32(lo), np.int32(n))
+            with self._lock:
+                self.stats.timeline.append(("host", layer + (e,), start, self._now()))
+        return out
 
     def moe_ffn(self, stack: str, index: int, h: jax.Array) -> jax.Array:
         """One MoE layer's output for its FFN input h [B, L, d]: route, the experts, combine."""
@@ -451,9 +424,11 @@ class OffloadRunner:
         cached = [e for e in active if keys[e] in self.slots]
         compute = [self.cost.compute(int(n)) for n in counts]
         host = [] if not opts.host_compute else [
-            e for e in active if e not in cached and self.cost.host(int(counts[e])) < self.cost.load]
+            e for e in active if e not in cached and self.cost.host(int(counts[e])) < self.cost.moving()]
         for e in host:
             self.slots.unpin(keys[e])
+            if opts.cache != "none" and stack == "decoder":  # loaded behind its host computation for the
+                self._transfers.put((keys[e], "fill", time.perf_counter()))  # cache (a decoder layer recurs every step)
         device = [e for e in active if e not in host]
         if opts.schedule == "infmoe":
             order = S.infmoe_order(compute, self.cost.load, opts.device_experts, experts=device, resident=cached)
@@ -464,20 +439,10 @@ class OffloadRunner:
             if e not in cached:
                 self._transfers.put((keys[e], None, requested))
         self.frequency[layer][active] += 1
+        self._score_guess(layer, active)
         if opts.prefetch:
             self._prefetch(stack, index, wanted=routed.shape[0] * c.moe_top_k, guess=guess)
         starts = split_moe.offsets(counts)
-        kw = dict(activation=c.ffn_activation, dtype=c.dtype, layout=self.store.layout)  # the host's copy as stored
-        if host:  # first: they need no load, so they hide the first one
-            rows = np.asarray(routed.rows)
-            for e in host:
-                n, lo = int(counts[e]), int(starts[e])
-                tile = split_moe.bucket(n)
-                start = self._now()
-                window = jax.device_put(rows[lo:lo + tile], self.host)
-                y = _packed_apply(window, jax.device_put(self.store.buffers[layer][e], self.host), **kw)
-                out = _add_rows(out, jax.device_put(y, self.device), np.int32(lo), np.int32(n))
-                self._releases.put(_Release("host", keys[e], y, start))
         waited = 0.0
         streamed = len(device) - len(cached)
         bound = None if streamed == 0 else max(  # no load, no transfer to overlap
@@ -492,7 +457,10 @@ class OffloadRunner:
         # per layer: a decoding step waits for the device once per MoE layer, and the device
         # runs the next pieces while this thread waits for transfers.
         inline = [] if len(order) <= opts.device_experts else None
+        on_host = list(host)  # computed before the first expert that may wait for its load
         for e in order:
+            if on_host and e not in cached:  # the device has the cached experts' computations queued
+                out, on_host = self._host_experts(layer, on_host, routed, counts, starts, out), []
             event = self.slots.event(keys[e])
             t = time.perf_counter()
             event.wait()
@@ -506,6 +474,8 @@ class OffloadRunner:
                 self._releases.put(_Release("compute", keys[e], done, self._now()))
             else:
                 inline.append((keys[e], self._now()))
+        if on_host:  # every device expert was cached
+            out = self._host_experts(layer, on_host, routed, counts, starts, out)
         self._dequantise_arrived()
         if inline is None:
             out.block_until_ready()
@@ -533,7 +503,10 @@ class OffloadRunner:
     # ------------------------------------------------------------------ calibration
     def calibrate(self, reps: int = 3) -> CostModel:
         """Times one transfer over the link and one expert on 1 and 64 tokens (weights on the
-        device; and on the host when `host_compute`): the schedule's estimates."""
+        device, each call waited for; and on the host when `host_compute`, and an int8
+        expert's dequantisation: per call in a stream of `4 * reps` calls, as the dispatching
+        thread and the device spend them in decoding): the schedule's estimates, and what
+        decides host compute."""
         c = self.config
         key = next(iter(self.store.buffers))
         host_buf = self.store.buffers[key][0]
@@ -550,27 +523,40 @@ class OffloadRunner:
             rows = jnp.zeros((2 * n, c.d_model), jnp.float32)
             return _slot_step(jnp.zeros_like(rows), rows, np.int32(0), np.int32(n), weights.weights, tile=n, **kw)[1]
 
-        def host_run(n):
-            window = jax.device_put(np.zeros((n, c.d_model), np.float32), self.host)
-            return _packed_apply(window, jax.device_put(host_buf, self.host), layout=self.store.layout, **kw)
+        host_state = {"out": jnp.zeros((64, c.d_model), jnp.float32), "calls": 0}
 
-        def line(run):
-            times = {}
-            for n in (1, 64):
-                run(n).block_until_ready()
-                start = time.perf_counter()
-                for _ in range(reps):
-                    run(n).block_until_ready()
-                times[n] = (time.perf_counter() - start) / reps
+        def host_run(n):  # as `_host_experts`: the layer's experts in turn (their weights cold in the caches)
+            buffers = self.store.buffers[key]
+            buffer = buffers[host_state["calls"] % len(buffers)]
+            host_state["calls"] += 1
+            y = H.expert_rows(np.zeros((n, c.d_model), np.float32), H.host_weights(buffer, self.store.layout),
+                              c.ffn_activation)
+            host_state["out"] = _add_rows(host_state["out"], y, np.int32(0), np.int32(n))
+            return host_state["out"]
+
+        def timed(run, calls):
+            run().block_until_ready()  # compiled
+            start = time.perf_counter()
+            for _ in range(calls - 1):
+                run()
+            run().block_until_ready()
+            return (time.perf_counter() - start) / calls
+
+        def line(run, calls):
+            times = {n: timed(functools.partial(run, n), calls) for n in (1, 64)}
             per_token = max(0.0, (times[64] - times[1]) / 63)
             return max(times[1] - per_token, 0.0), per_token
 
-        overhead, per_token = line(device_run)
-        host_overhead, host_per_token = line(host_run) if self.options.host_compute else (None, 0.0)
+        overhead, per_token = line(lambda n: device_run(n).block_until_ready(), reps)
+        host_overhead, host_per_token = line(host_run, 4 * reps) if self.options.host_compute else (None, 0.0)
+        arrive = 0.0
+        if self.options.int8:
+            packed = jax.device_put(host_buf, self.device)
+            arrive = timed(lambda: _dequantise(packed, layout=self.store.layout, dtype=c.dtype)[1], 4 * reps)
         weights.delete()
         self.link.reset_counters()
         return CostModel(overhead=overhead, per_token=per_token, load=load, host_overhead=host_overhead,
-                         host_per_token=host_per_token)
+                         host_per_token=host_per_token, arrive=arrive)
 
     # ------------------------------------------------------------------ decoding
     def greedy(self, encoder_input_tokens, *, max_new_tokens: int, min_new_tokens: int = 0):

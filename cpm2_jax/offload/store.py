@@ -103,17 +103,39 @@ def pack_expert(weights: dict, int8: bool = False) -> tuple[np.ndarray, Layout]:
     return np.concatenate(chunks), Layout(tuple(entries), "uint8", off)
 
 
-def unpack(buffer: jax.Array, layout: Layout, dtype=jnp.float32) -> dict:
-    """The weights {name: array} of a packed buffer (traceable: runs inside the expert's jit)."""
+def _jax_bitcast(part: jax.Array, dtype) -> jax.Array:
+    width = np.dtype(dtype).itemsize
+    return jax.lax.bitcast_convert_type(part.reshape(-1, width) if width > 1 else part, dtype)
+
+
+def _numpy_bitcast(part: np.ndarray, dtype) -> np.ndarray:
+    return part.view(dtype)  # a view: nothing copied
+
+
+def entries(buffer, layout: Layout, bitcast=_jax_bitcast) -> dict:
+    """{name: the entry as stored, in its shape} of a packed buffer: float weights, int8
+    matrices (q) and their float32 column scales ("<name>/scale"). `bitcast(part, dtype)`
+    reads bytes as dtype: JAX's (traceable) by default, numpy's views for a host array."""
     raw = {}
     for e in layout.entries:
         part = buffer[e.offset:e.offset + e.size]
-        if e.kind == "float":
-            raw[e.name] = part.reshape(e.shape)
-        elif e.kind == "int8":
-            raw[e.name] = jax.lax.bitcast_convert_type(part, jnp.int8).reshape(e.shape)
-        else:
-            raw[e.name] = jax.lax.bitcast_convert_type(part.reshape(-1, _F32), jnp.float32).reshape(e.shape)
+        if e.kind == "int8":
+            part = bitcast(part, np.int8)
+        elif e.kind == "f32":
+            part = bitcast(part, np.float32)
+        raw[e.name] = part.reshape(e.shape)
+    return raw
+
+
+def numpy_entries(buffer, layout: Layout) -> dict:
+    """`entries` of a host buffer as numpy views (the host-compute path reads them in place)."""
+    return entries(np.asarray(buffer), layout, _numpy_bitcast)
+
+
+def unpack(buffer: jax.Array, layout: Layout, dtype=jnp.float32) -> dict:
+    """The weights {name: array} of a packed buffer, int8 matrices dequantised w = q * column
+    scale (traceable: runs inside the expert's jit)."""
+    raw = entries(buffer, layout)
     out = {}
     for e in layout.entries:
         if e.name.endswith("/scale"):
@@ -406,12 +428,13 @@ class DeviceSlots:
             self.events[key].set()
             self.cond.notify_all()
 
-    def exchange(self, convert, keys=None) -> None:
-        """Replaces each loaded entry `b` (of `keys`, default all) for which `convert(b)` is not
-        None by that value (an int8 expert by its dequantised weights), under the lock, so none
-        is evicted meanwhile; the slots' count is unchanged."""
+    def exchange(self, convert, keys) -> None:
+        """Replaces each loaded entry `b` of `keys` for which `convert(b)` is not None by that
+        value (an int8 expert by its dequantised weights), under the lock, so none is evicted
+        meanwhile; the slots' count is unchanged. Keys not loaded (evicted, or still on their
+        way) are skipped."""
         with self.cond:
-            for key in list(self.loaded if keys is None else keys):
+            for key in keys:
                 new = convert(self.entries[key]) if key in self.loaded else None
                 if new is not None:
                     self.entries[key] = new

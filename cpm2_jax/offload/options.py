@@ -1,0 +1,109 @@
+"""What an offloaded run is told and what it reports: `OffloadOptions` (K slots, schedule, cache,
+prefetch, int8, host compute, the modelled link), their checks, the `CostModel` the schedule
+and the host-compute choice read (calibrated by `OffloadRunner.calibrate`), and the `Stats`
+a run accumulates (the `cpm2 offload` report and the benchmarks' figures)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from cpm2_jax.config import ModelConfig
+from cpm2_jax.errors import ConfigError, check_choice
+
+SCHEDULES = ("infmoe", "inorder")
+CACHES = ("lru", "lfu", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadOptions:
+    device_experts: int  # K: expert slots on the device
+    schedule: str = "infmoe"
+    cache: str = "none"
+    prefetch: bool = False
+    int8: bool = False
+    bandwidth: Optional[float] = None  # bytes/s of the modelled link (None: the real one)
+    host_compute: bool = False  # run cold experts with few tokens on the host
+    # prefetch only while its guesses of a kind ("router", "history") have been right at least this often
+    # (a running average; a wrong guess costs a load, its dequantisation and an eviction)
+    prefetch_precision: float = 0.5
+    # CPU cores the transfer and release threads run on (paced link on the CPU: the link's own core, apart
+    # from the one the computation runs on, as a DMA engine is apart from the compute units;
+    # None: wherever the process runs)
+    link_cores: Optional[tuple] = None
+
+
+@dataclasses.dataclass
+class Stats:
+    loads: int = 0
+    bytes_moved: int = 0
+    needed: int = 0  # experts a layer computed
+    hits: int = 0  # ... of which were already on the device (or on their way: prefetched)
+    prefetches: int = 0
+    prefetch_hits: int = 0  # needed experts that a prefetch had brought
+    fills: int = 0  # loads behind a host computation, for the cache
+    guessed: int = 0  # experts the prefetch guessed for a layer (issued or not)
+    guessed_right: int = 0  # ... that the layer needed
+    host_computes: int = 0
+    transfer_time: float = 0.0
+    wait_time: float = 0.0  # the main thread waiting for weights
+    # Over the MoE layers that load experts (a layer served by the cache has no transfer to overlap):
+    moe_time: float = 0.0  # their wall time (token counts read to experts done)
+    lower_bound: float = 0.0  # sum over them of max(sum of compute, sum of loads)
+    layers: int = 0
+    timeline: list = dataclasses.field(default_factory=list)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.needed if self.needed else 0.0
+
+    @property
+    def guess_precision(self) -> float:
+        return self.guessed_right / self.guessed if self.guessed else 0.0
+
+    @property
+    def efficiency(self) -> float:
+        return self.lower_bound / self.moe_time if self.moe_time else 0.0
+
+    @property
+    def link_bandwidth(self) -> float:
+        """bytes/s the link delivered while transferring (the set rate when the thread keeps up)."""
+        return self.bytes_moved / self.transfer_time if self.transfer_time else 0.0
+
+
+def check_options(config: ModelConfig, options: OffloadOptions) -> None:
+    if not config.is_moe:
+        raise ConfigError("the checkpoint is a dense model (num_experts = 0): nothing to offload; "
+                          "use `cpm2 infer` for dense checkpoints")
+    k = options.device_experts
+    if not 1 <= k <= config.num_experts:
+        raise ConfigError(f"--device_experts must be between 1 and the number of experts per layer "
+                          f"({config.num_experts}), got {k}")
+    check_choice("--schedule", options.schedule, SCHEDULES)
+    check_choice("--cache", options.cache, CACHES)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Compute time of an expert with n tokens, overhead + n * per_token (seconds), and the load
+    time of one expert (bytes / bandwidth): the schedule's c_i and b. `arrive`: an int8
+    expert's dequantisation on the device after its load (0 for float); `host_*`: an expert's
+    time on the host (its output's hand-over to the device included)."""
+
+    overhead: float
+    per_token: float
+    load: float
+    host_overhead: Optional[float] = None  # the same on the host (None: not calibrated)
+    host_per_token: float = 0.0
+    arrive: float = 0.0
+
+    def moving(self) -> float:
+        """What moving one expert's weights to the device costs: its load and its dequantisation."""
+        return self.load + self.arrive
+
+    def compute(self, n: int) -> float:
+        return self.overhead + self.per_token * n if n > 0 else 0.0
+
+    def host(self, n: int) -> float:
+        if self.host_overhead is None:
+            return float("inf")
+        return self.host_overhead + self.host_per_token * n if n > 0 else 0.0
