@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--cache", default="lfu",
                    help="lfu (default: experts stay in their slots, the least often needed evicted first), lru or none")
     p.add_argument("--prefetch", action="store_true", help="prefetch the next MoE layer's likely experts")
+    p.add_argument("--prefetch_precision", type=float, default=0.5,
+                   help="prefetch only while that kind of guess has been right at least this often (0-1; a running "
+                        "average, from 1)")
     p.add_argument("--host_compute", action="store_true",
                    help="run cold experts on the host when their tokens cost less there than moving their weights")
     p.add_argument("--input", default="-", help="inputs, one per line (token ids or JSON {\"inputs\": [...]}); - = stdin")
@@ -73,7 +76,8 @@ def run(args) -> int:
 
     params, config = load_checkpoint(args.checkpoint)
     options = OffloadOptions(device_experts=args.device_experts, schedule=args.schedule, cache=args.cache,
-                             prefetch=args.prefetch, int8=args.int8, host_compute=args.host_compute,
+                             prefetch=args.prefetch, prefetch_precision=args.prefetch_precision, int8=args.int8,
+                             host_compute=args.host_compute,
                              bandwidth=args.bandwidth_gbps * 1e9 if args.bandwidth_gbps else None)
     check_options(config, options)
     check_fits(plan_for(config, params, device_gib=args.device_memory_gib,
@@ -104,7 +108,8 @@ def _decode(config, params, options, examples, args) -> int:
                   "prefetch": options.prefetch, "int8": options.int8, "expert_bytes": runner.store.expert_bytes,
                   "host_compute": options.host_compute, "loads": st.loads, "bytes_moved": st.bytes_moved,
                   "cache_hit_rate": round(st.hit_rate, 4), "prefetches": st.prefetches,
-                  "host_computes": st.host_computes, "transfer_wait_s": round(st.wait_time, 4),
+                  "prefetch_guess_precision": round(st.guess_precision, 4), "host_computes": st.host_computes,
+                  "fills": st.fills, "transfer_wait_s": round(st.wait_time, 4),
                   "transfer_s": round(st.transfer_time, 4), "link_gb_s": round(st.link_bandwidth / 1e9, 4),
                   "moe_s": round(st.moe_time, 4), "overlap_efficiency": round(st.efficiency, 4),
                   "tokens": generated, "tokens_per_s": round(generated / elapsed, 3), "seconds": round(elapsed, 3),

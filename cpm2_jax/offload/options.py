@@ -80,6 +80,9 @@ def check_options(config: ModelConfig, options: OffloadOptions) -> None:
                           f"({config.num_experts}), got {k}")
     check_choice("--schedule", options.schedule, SCHEDULES)
     check_choice("--cache", options.cache, CACHES)
+    if not 0.0 <= options.prefetch_precision <= 1.0:
+        raise ConfigError(f"--prefetch_precision must be between 0 and 1 (a share of guesses), "
+                          f"got {options.prefetch_precision}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,6 +41,7 @@ def test_offload_decodes_like_decoding_and_reports(moe_checkpoint, capsys, tmp_p
     assert len(lines) == 3
     assert report["peak_device_experts"] <= 2 and report["bytes_moved"] == report["loads"] * report["expert_bytes"]
     assert 0 <= report["cache_hit_rate"] <= 1 and report["tokens_per_s"] > 0
+    assert 0 <= report["prefetch_guess_precision"] <= 1 and report["fills"] == 0  # no host compute: no fills
     assert png.stat().st_size > 1000
 
 
@@ -84,3 +85,10 @@ def test_dense_checkpoint_is_one_line(tmp_path, capsys):
     native.save_params(params, c, tmp_path / "dense")
     code, out, err = run(["offload", "--checkpoint", str(tmp_path / "dense"), "--device_experts", "1"], capsys)
     assert code == 2 and "dense" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_prefetch_precision_is_one_line(moe_checkpoint, capsys):
+    path, _, _ = moe_checkpoint
+    code, out, err = run(["offload", "--checkpoint", path, "--device_experts", "2", "--prefetch",
+                          "--prefetch_precision", "2"], capsys)
+    assert code == 2 and "--prefetch_precision must be between 0 and 1" in err and len(err.strip().splitlines()) == 1, err
