@@ -11,7 +11,8 @@ on the compute core its every wake-up took the core from the experts (0.66-0.79 
    expert's load takes as long as an average expert's computation: the InfMoE order and
    in-order double buffering, each as efficiency = lower bound / measured, lower bound =
    max(sum of expert computations measured with every expert resident, sum of loads at the
-   link's set rate); the link's achieved rate beside its set rate; for each K in --k_sweep
+   link's set rate), paired (each repetition's resident run with its runs of the arms, in a
+   fresh order) and the median taken over --layer_reps repetitions; the link's achieved rate beside its set rate; for each K in --k_sweep
    too, with the K-aware bound (schedule.k_lower_bound: an expert of compute C holds the link
    to K-1 loads: under this skew K=4 is capped near 0.95, K=8 near 0.98).
 2. Greedy decoding (batch 1, --new_tokens 64: decoding rather than the encoder's loads and a
@@ -20,14 +21,18 @@ on the compute core its every wake-up took the core from the experts (0.66-0.79 
    routing history the lfu cache and the next step's prefetch learn from; within a step the
    prefetch applies the next layer's router to this layer's input), over the same link as 1
    (`decode.link` gives one load's time against the calibrated one-token expert call, its
-   dispatch and wait included: 1.5-2.8x here, where on a GPU a one-token expert is
+   dispatch and wait included: 1.5-4x here, where on a GPU a one-token expert is
    microseconds against milliseconds of PCIe load): tokens/s of in-order streaming with no
-   cache against lfu cache + prefetch, each in float32 and int8, and each
+   cache against lfu cache + prefetch, each in float32 and int8, with and without host compute
+   (numpy on the host's core - the link's, beside the device's - for a cold expert whose
+   tokens cost less there than its load and dequantisation; `decode.link` gives that ratio:
+   0.57-0.66 here, ~0.25 on a GPU server, host-memory against PCIe bandwidth), and each
    precision's ceiling (the same runner with every expert resident at that precision, no
-   link), medians of --reps runs interleaved across the arms. decode_speedup is the full
-   design (lfu cache + prefetch + int8) against float32 in-order streaming (the public
-   release); like-with-like speedups and ceilings beside it, and the int8 lfu cache without
-   prefetch (prefetch_gain_int8: what the prefetch adds to the cache).
+   link), medians of --reps runs interleaved across the arms in a fresh order each time.
+   decode_speedup is the full design (lfu cache + prefetch + int8 + host compute) against
+   float32 in-order streaming (the public release); like-with-like speedups and ceilings
+   beside it, the int8 lfu cache without prefetch (prefetch_gain_int8: what the prefetch adds
+   to the cache) and without host compute (host_gain_int8).
 3. int8 transfer against float32: greedy-token agreement teacher-forced along the float32
    path (8 prompts), with the float32 top-2 logit margin, the int8 logit change, their
    relative error and the agreement on the steps that are not near ties (see int8_agreement).
@@ -42,6 +47,9 @@ import pathlib
 import statistics
 import sys
 import time
+
+if __name__ == "__main__":  # before numpy loads its BLAS: the host-compute arms' host is one core (the
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # link's, `split_cores`), not the compute core too
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -90,20 +98,33 @@ def zipf_hidden(c, params, zipf, tokens: int, rng) -> jax.Array:
     return jnp.asarray(h[None], jnp.float32)
 
 
+def shuffled(arms, rep: int) -> list:
+    """The arms in a fresh order each repetition (seeded): an arm run right after a streaming one
+    ran 10-15% slower (measured: the same arm, before and after in-order streaming), so a fixed
+    order handed that cost to whichever arm came next."""
+    names = list(arms)
+    np.random.default_rng(rep).shuffle(names)
+    return names
+
+
 def run_layers(c, params, h, arms: dict, cost, reps: int, resident) -> tuple[dict, list]:
-    """Each arm's medians over `reps` runs of the layer, the runs interleaved across the arms and
-    the `resident` runner (every expert on the device: its times are the compute-only term)."""
+    """Each arm's times over `reps` runs of the layer (and their medians), the runs interleaved
+    across the arms and the `resident` runner (every expert on the device: its times, one a
+    repetition, are the compute-only term)."""
     runners, got, compute_times = {}, {}, []
     try:
         for name, opts in arms.items():
             runners[name] = OffloadRunner(c, params, opts, cost=cost, store=resident.store)
             runners[name].moe_ffn("encoder", 0, h)  # warm-up (every tile is compiled already)
             got[name] = {"times": [], "waits": [], "link": []}
-        for _ in range(reps):
-            t = time.perf_counter()
-            resident.moe_ffn("encoder", 0, h)
-            compute_times.append(time.perf_counter() - t)
-            for name, r in runners.items():
+        for rep_ in range(reps):
+            for name in shuffled([*runners, "resident"], rep_):
+                if name == "resident":
+                    t = time.perf_counter()
+                    resident.moe_ffn("encoder", 0, h)
+                    compute_times.append(time.perf_counter() - t)
+                    continue
+                r = runners[name]
                 r.reset_stats()
                 t = time.perf_counter()
                 r.moe_ffn("encoder", 0, h)
@@ -115,7 +136,7 @@ def run_layers(c, params, h, arms: dict, cost, reps: int, resident) -> tuple[dic
     finally:
         for r in runners.values():
             r.close()
-    return {name: {"s": statistics.median(g["times"]), "wait_s": statistics.median(g["waits"]),
+    return {name: {"s": statistics.median(g["times"]), "times": g["times"], "wait_s": statistics.median(g["waits"]),
                    "link_gb_s": statistics.median(g["link"]) / 1e9, "loads": g["loads"], "timeline": g["timeline"]}
             for name, g in got.items()}, compute_times
 
@@ -148,7 +169,7 @@ def layer_benchmark(args, rng, link_cores) -> dict:
         arms = {(k, schedule): OffloadOptions(device_experts=k, schedule=schedule, cache="none", bandwidth=bandwidth,
                                               link_cores=link_cores)
                 for k in ks for schedule in ("infmoe", "inorder")}
-        got, more = run_layers(c, params, h, arms, cost, args.reps, resident)
+        got, more = run_layers(c, params, h, arms, cost, args.layer_reps, resident)
     finally:
         resident.close()
     compute_s = statistics.median(compute_times + more)  # the resident runs, before and between the arms'
@@ -165,7 +186,10 @@ def layer_benchmark(args, rng, link_cores) -> dict:
             g = got[(k, schedule)]
             row[f"{schedule}_s"] = round(g["s"], 5)
             row[f"{schedule}_wait_s"] = round(g["wait_s"], 5)
-            row[f"{schedule}_efficiency"] = round(bound / g["s"], 4)
+            # paired: each repetition's bound (its resident run) over its run of the arm, the
+            # median of those - a slower or faster spell of the machine moves both alike
+            row[f"{schedule}_efficiency"] = round(statistics.median(
+                max(t_c, active * load_s) / t for t_c, t in zip(more, g["times"])), 4)
             row[f"{schedule}_link_achieved_gb_s"] = round(g["link_gb_s"], 4)
             if k == args.slots and schedule == "infmoe":
                 out["timeline"] = g["timeline"]
@@ -190,10 +214,12 @@ def decode_benchmark(args, rng, bandwidth: float, link_cores) -> dict:
             "inorder_stream_int8": OffloadOptions(schedule="inorder", cache="none", int8=True, **base),
             "cache_prefetch_int8": OffloadOptions(cache="lfu", prefetch=True, int8=True, **base),
             # the cache alone (int8): what the prefetch adds to it
-            "cache_int8": OffloadOptions(cache="lfu", int8=True, **base)}
-    if args.real_link:  # host compute: on the CPU the host is the device (its "host" copy is a load)
-        arms["cache_prefetch_int8_host"] = OffloadOptions(cache="lfu", prefetch=True, int8=True, host_compute=True,
-                                                          **base)
+            "cache_int8": OffloadOptions(cache="lfu", int8=True, **base),
+            # the full design: a cold expert whose tokens cost less on the host than its load runs
+            # there (numpy on the host's core: the link's, beside the device's)
+            "cache_prefetch_host": OffloadOptions(cache="lfu", prefetch=True, host_compute=True, **base),
+            "cache_prefetch_int8_host": OffloadOptions(cache="lfu", prefetch=True, int8=True, host_compute=True,
+                                                       **base)}
     ceilings = {"resident": OffloadOptions(device_experts=c.num_experts, cache="lru"),
                 "resident_int8": OffloadOptions(device_experts=c.num_experts, cache="lru", int8=True)}
     n = args.new_tokens
@@ -209,12 +235,13 @@ def decode_benchmark(args, rng, bandwidth: float, link_cores) -> dict:
             r.frequency = {key: f * 0 for key, f in r.frequency.items()}
             r.greedy(warm, max_new_tokens=n, min_new_tokens=n)  # history from the warm-up input only
             history[name] = {key: f.copy() for key, f in r.frequency.items()}
-        cost = runners["inorder_stream"].cost
+        cost, host_cost = runners["inorder_stream"].cost, runners["cache_prefetch_int8_host"].cost
         # Repetitions interleaved across the runners (a load change hits all alike); each starts
         # cold (empty slots, the warm-up's history).
         times = {name: [] for name in runners}
-        for _ in range(args.reps):
-            for name, r in runners.items():
+        for rep_ in range(args.reps):
+            for name in shuffled(runners, rep_):
+                r = runners[name]
                 r.frequency = {key: f.copy() for key, f in history[name].items()}
                 r.empty_slots()
                 r.reset_stats()
@@ -224,7 +251,9 @@ def decode_benchmark(args, rng, bandwidth: float, link_cores) -> dict:
                 tokens[name] = np.asarray(res.tokens)[0]
                 st = r.stats
                 out[name] = {"loads": st.loads, "hit_rate": round(st.hit_rate, 3), "prefetches": st.prefetches,
-                             "prefetch_hits": st.prefetch_hits, "host_computes": st.host_computes,
+                             "prefetch_hits": st.prefetch_hits, "guess_precision": round(st.guess_precision, 3),
+                             "host_computes": st.host_computes, "fills": st.fills,
+                             "running_precision": {k: round(v, 3) for k, v in r.precision.items()},
                              "bytes_moved": st.bytes_moved, "transfer_wait_s": round(st.wait_time, 4),
                              "link_achieved_gb_s": round(st.link_bandwidth / 1e9, 4)}
     finally:
@@ -237,28 +266,36 @@ def decode_benchmark(args, rng, bandwidth: float, link_cores) -> dict:
     for name in times:
         if name != "inorder_stream":
             out[f"speedup_{name}"] = round(rate[name] / rate["inorder_stream"], 3)
-    # The issue's figure: the full design (lfu cache + prefetch + int8 transfer) against the
-    # public release's in-order streaming in float32. Beside it, like with like: each
-    # technique at one precision, and each precision's ceiling (every expert resident at that
-    # precision: what no cache can pass; int8's is the design's own ceiling).
-    out["decode_speedup"] = out["speedup_cache_prefetch_int8"]
+    # The issue's figure: the full design (lfu cache + prefetch + int8 transfer + host compute)
+    # against the public release's in-order streaming in float32. Beside it, like with like:
+    # each technique at one precision, and each precision's ceiling (every expert resident at
+    # that precision: what no cache can pass; int8's is the design's own ceiling).
+    out["decode_speedup"] = out["speedup_cache_prefetch_int8_host"]
     out["speedup_cache_prefetch_f32"] = out["speedup_cache_prefetch"]
+    out["host_gain_int8"] = round(rate["cache_prefetch_int8_host"] / rate["cache_prefetch_int8"], 3)  # > 1: it pays
     out["speedup_cache_prefetch_int8_vs_inorder_int8"] = round(rate["cache_prefetch_int8"] /
                                                                rate["inorder_stream_int8"], 3)
     out["prefetch_gain_int8"] = round(rate["cache_prefetch_int8"] / rate["cache_int8"], 3)  # > 1: prefetch pays
     out["decode_speedup_ceiling_f32"] = out.pop("speedup_resident")
     out["decode_speedup_ceiling_int8"] = out.pop("speedup_resident_int8")
-    t_in, t_res, t_full = (out[k]["seconds"] for k in ("inorder_stream", "resident_int8", "cache_prefetch_int8"))
+    t_in, t_res, t_full = (out[k]["seconds"] for k in ("inorder_stream", "resident_int8", "cache_prefetch_int8_host"))
     out["transfer_time_removed"] = round((t_in - t_full) / (t_in - t_res), 3) if t_in > t_res else None
     # The link during decoding: the machine's (set by the one-layer benchmark); a step's one
     # token gives an expert far less work than its load, so streamed decoding is link-bound.
     out["link"] = {"bandwidth_gb_s": round(bandwidth / 1e9, 4) if bandwidth else None,
                    "expert_load_s": round(cost.load, 6), "expert_compute_1_token_s": round(cost.compute(1), 6),
-                   "load_over_1_token_compute": round(cost.load / cost.compute(1), 2)}
+                   "load_over_1_token_compute": round(cost.load / cost.compute(1), 2),
+                   # host compute (int8, the full design's): a one-token expert on the host against
+                   # moving it (load + dequantisation); on a GPU server about host-memory / PCIe
+                   # bandwidth, ~0.25 (Fiddler)
+                   "int8_expert_moving_s": round(host_cost.moving(), 6),
+                   "int8_expert_host_1_token_s": round(host_cost.host(1), 6),
+                   "host_1_token_over_moving_int8": round(host_cost.host(1) / host_cost.moving(), 3)}
     out["same_tokens_f32"] = bool(all((tokens[a] == tokens["inorder_stream"]).all()
-                                      for a in ("resident", "cache_prefetch")))
+                                      for a in ("resident", "cache_prefetch", "cache_prefetch_host")))
     out["same_tokens_int8"] = bool(all((tokens[a] == tokens["resident_int8"]).all()
-                                       for a in ("inorder_stream_int8", "cache_prefetch_int8", "cache_int8")))
+                                       for a in ("inorder_stream_int8", "cache_prefetch_int8", "cache_int8",
+                                                 "cache_prefetch_int8_host")))
     if getattr(args, "int8_check", True):
         out["int8"] = int8_agreement(c, params, rng, args)
     return out
@@ -355,6 +392,8 @@ def main(argv=None, name: str = "offload") -> dict:
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--new_tokens", type=int, default=64,
                    help="decoded tokens (16 was mostly the encoder's loads and a cold cache, not decoding)")
+    p.add_argument("--layer_reps", type=int, default=45,
+                   help="repetitions of the one-layer runs (~70 ms each: cheap; medians of paired ratios)")
     p.add_argument("--reps", type=int, default=15, help="repetitions per arm (medians; fewer moved the layer efficiency by +-0.1 between runs)")
     p.add_argument("--bandwidth", type=float, default=None, help="bytes/s (default: matched to compute)")
     p.add_argument("--real_link", action="store_true", help="no link model: device_put over the real link")
@@ -365,6 +404,7 @@ def main(argv=None, name: str = "offload") -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.d_model, args.d_ff, args.experts, args.tokens, args.reps, args.new_tokens = 64, 128, 8, 64, 2, 4
+        args.layer_reps = 2
         args.slots, args.k_sweep, args.decode_slots = 4, [2], 4
     sys.setswitchinterval(5e-4)  # the transfer and release threads get the GIL back promptly
     cores = split_cores(args.real_link)
@@ -387,6 +427,7 @@ def main(argv=None, name: str = "offload") -> dict:
               "decode_speedup_ceiling_f32": decode["decode_speedup_ceiling_f32"],
               "decode_speedup_ceiling_int8": decode["decode_speedup_ceiling_int8"],
               "decode_prefetch_gain_int8": decode["prefetch_gain_int8"],
+              "decode_host_gain_int8": decode["host_gain_int8"],
               "int8_teacher_forced_agreement": decode["int8"]["teacher_forced_agreement"],
               "int8_agreement_not_near_tied": decode["int8"]["agreement_not_near_tied"],
               "targets": {"infmoe_efficiency": 0.9, "decode_speedup": 2.5}}
