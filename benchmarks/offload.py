@@ -12,7 +12,8 @@ on the compute core its every wake-up took the core from the experts (0.66-0.79 
    in-order double buffering, each as efficiency = lower bound / measured, lower bound =
    max(sum of expert computations measured with every expert resident, sum of loads at the
    link's set rate), paired (each repetition's resident run with its runs of the arms, in a
-   fresh order) and the median taken over --layer_reps repetitions; the link's achieved rate beside its set rate; for each K in --k_sweep
+   fresh order) and the median taken over --layer_reps repetitions; the link's achieved rate
+   beside its set rate; for each K in --k_sweep
    too, with the K-aware bound (schedule.k_lower_bound: an expert of compute C holds the link
    to K-1 loads: under this skew K=4 is capped near 0.95, K=8 near 0.98).
 2. Greedy decoding (batch 1, --new_tokens 64: decoding rather than the encoder's loads and a
@@ -26,7 +27,8 @@ on the compute core its every wake-up took the core from the experts (0.66-0.79 
    cache against lfu cache + prefetch, each in float32 and int8, with and without host compute
    (numpy on the host's core - the link's, beside the device's - for a cold expert whose
    tokens cost less there than its load and dequantisation; `decode.link` gives that ratio:
-   0.57-0.66 here, ~0.25 on a GPU server, host-memory against PCIe bandwidth), and each
+   0.35-0.80 over one session's runs here, ~0.25 on a GPU server, host-memory against PCIe
+   bandwidth), and each
    precision's ceiling (the same runner with every expert resident at that precision, no
    link), medians of --reps runs interleaved across the arms in a fresh order each time.
    decode_speedup is the full design (lfu cache + prefetch + int8 + host compute) against
