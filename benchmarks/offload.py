@@ -64,7 +64,8 @@ from benchmarks.report import RESULTS_DIR, machine_info, write_report  # noqa: E
 from cpm2_jax.config import get_config  # noqa: E402
 from cpm2_jax.model.transformer import EncoderDecoder  # noqa: E402
 from cpm2_jax.offload import schedule as S  # noqa: E402
-from cpm2_jax.offload.runner import CostModel, OffloadOptions, OffloadRunner  # noqa: E402
+from cpm2_jax.offload.options import CostModel, OffloadOptions  # noqa: E402
+from cpm2_jax.offload.runner import OffloadRunner  # noqa: E402
 from cpm2_jax.offload.split_moe import route  # noqa: E402
 
 

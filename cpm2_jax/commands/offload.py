@@ -51,7 +51,7 @@ def _config_from_gin(files):
 
 def run(args) -> int:
     from cpm2_jax.offload.plan import check_fits, plan_for
-    from cpm2_jax.offload.runner import OffloadOptions, check_options
+    from cpm2_jax.offload.options import OffloadOptions, check_options
 
     if args.plan:
         if args.checkpoint:

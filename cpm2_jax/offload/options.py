@@ -104,9 +104,12 @@ class CostModel:
         return self.load + self.arrive
 
     def compute(self, n: int) -> float:
-        return self.overhead + self.per_token * n if n > 0 else 0.0
+        return _line(self.overhead, self.per_token, n)
 
     def host(self, n: int) -> float:
-        if self.host_overhead is None:
-            return float("inf")
-        return self.host_overhead + self.host_per_token * n if n > 0 else 0.0
+        return float("inf") if self.host_overhead is None else _line(self.host_overhead, self.host_per_token, n)
+
+
+def _line(overhead: float, per_token: float, n: int) -> float:
+    """An expert's time for n tokens: overhead + n * per_token, nothing without tokens."""
+    return overhead + per_token * n if n > 0 else 0.0

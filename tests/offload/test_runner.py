@@ -13,7 +13,8 @@ from cpm2_jax import decoding
 from cpm2_jax.errors import ConfigError
 from cpm2_jax.moe.layer import MoeBlock
 from cpm2_jax.offload import split_moe
-from cpm2_jax.offload.runner import CostModel, OffloadOptions, OffloadRunner
+from cpm2_jax.offload.options import CostModel, OffloadOptions
+from cpm2_jax.offload.runner import OffloadRunner
 from cpm2_jax.offload.store import DeviceSlots, Link
 from tests.offload.models import inputs, tiny
 
