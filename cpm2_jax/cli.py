@@ -28,8 +28,17 @@ _SUBCOMMAND_MODULES = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with flag errors (a typo, a missing value, a value that does not parse) as one
+    line and exit status 2, like every other bad input: no usage block before it (`--help`
+    prints that). Subcommand parsers are made of the same class."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cpm2", description="CPM-2 in JAX/Flax: t5x-style tools for the dense and MoE models."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

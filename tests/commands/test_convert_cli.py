@@ -87,3 +87,16 @@ def test_missing_conversion_name_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["convert"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["offload", "--device_experts", "2", "--prefetch_precison", "0.3"], "unrecognized arguments: --prefetch_precison"),
+    (["offload", "--prefetch_precision", "abc"], "argument --prefetch_precision: invalid float value: 'abc'"),
+    (["convert", "from-hf"], "the following arguments are required"),
+])
+def test_a_flag_error_is_one_line(argv, needle, capsys):
+    """Any command's flag typo, unparsable value or missing argument: one line naming it, exit 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and needle in err and len(err.splitlines()) == 1, err
