@@ -52,6 +52,10 @@ class Stats:
     layers: int = 0
     timeline: list = dataclasses.field(default_factory=list)
 
+    def merged(self, other: "Stats") -> "Stats":
+        """Two runs' counts, times and timelines together (several inputs reported as one)."""
+        return Stats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(Stats)})
+
     @property
     def hit_rate(self) -> float:
         return self.hits / self.needed if self.needed else 0.0
@@ -105,6 +109,21 @@ class CostModel:
 
     def compute(self, n: int) -> float:
         return _line(self.overhead, self.per_token, n)
+
+    def fill_pays(self, n: int, uses_per_step: float, steps_left: int) -> bool:
+        """Whether loading a host-computed expert behind its computation (a fill, for the cache)
+        pays: each later use on the device saves host(n) - compute(n) against running it on the
+        host again, and the fill costs one move; over the decoding steps left, at its expected
+        uses per step (its share of the layer's routing history),
+
+            uses_per_step * steps_left * (host(n) - compute(n)) > moving().
+
+        Never where the host is as fast as the device for n tokens (the CPU link model, whose
+        host and device are cores alike): there a cached copy saves nothing; on a GPU a one-token
+        expert takes microseconds against the host's milliseconds, and the experts that recur
+        within a decoding pay their move back in a few uses."""
+        saving = self.host(n) - self.compute(n)
+        return saving > 0 and uses_per_step * steps_left * saving > self.moving()
 
     def host(self, n: int) -> float:
         return float("inf") if self.host_overhead is None else _line(self.host_overhead, self.host_per_token, n)

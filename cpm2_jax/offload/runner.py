@@ -35,12 +35,15 @@ Beyond InfMoE:
   link instead of its weights (as InfMoE's CPU fallback / Fiddler). Same function of the same
   weights: outputs equal the device path's within float32 summation order. With a cache, a
   decoder layer's host-computed expert is also loaded behind its computation (a "fill": a
-  free slot or, lfu, a colder entry's), so the experts that recur move once and the rare ones
-  never.
+  free slot or, lfu, a colder entry's) where that pays (`CostModel.fill_pays`: its expected
+  uses over the decoding steps left, each saving the host's time over the device's, outweigh
+  one move), so the experts that recur move once and the rare ones never; where the host
+  computes a few tokens as fast as the device (the CPU link model) nothing is filled.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import queue
 import threading
@@ -166,7 +169,11 @@ class OffloadRunner:
         # running precision (from 1: prefetching until its guesses prove poor)
         self._guesses: dict = {}
         self.precision = {"router": 1.0, "history": 1.0}
+        # decoding steps left in the current greedy / beam call (a fill's horizon, `_fill_pays`)
+        self._steps_left = 0
+        self._first_decoder = next((key for key in self.order if key[0] == "decoder"), None)
         self._error: Optional[BaseException] = None  # the transfer thread's failure
+        self._booking: Optional[tuple] = None  # the last MoE layer's bookkeeping, still to do (`_book`)
         # layers `moe_rows` returned from without waiting: ([(key, start)], last computation's flag,
         # perf_counter at their counts, lower bound or None) - `_settle` releases them
         self._deferred: list = []
@@ -213,9 +220,9 @@ class OffloadRunner:
 
     def _dequantise_arrived(self) -> None:
         """Dispatches the dequantisation of every int8 expert already in a slot but not yet
-        dequantised (prefetched, or loaded for a later layer): the device runs them after this
-        layer's computations, while this thread is between layers, instead of at their first
-        use. Under the slots' lock, so none is evicted (and deleted) meanwhile. Only the keys
+        dequantised (prefetched, filled, or loaded for a later layer), once a layer is done
+        (`_book`, as the next one starts): the device runs them between layers instead of at
+        their first use. Under the slots' lock, so none is evicted (and deleted) meanwhile. Only the keys
         filled since the last call (`_raw`): a scan of every slot per layer took 13% of a
         decoding step with all 128 experts resident."""
         if self.options.int8 and self._raw:
@@ -311,6 +318,7 @@ class OffloadRunner:
         each one's last computation (done already when called after a later layer's counts),
         then unpins its experts, records their spans and the layer's time (both ending when
         seen done: an overestimate by up to the next layer's attention)."""
+        self._book()
         while self._deferred:
             inline, done, begin, bound = self._deferred.pop(0)
             done.block_until_ready()
@@ -382,6 +390,17 @@ class OffloadRunner:
                 self.stats.guessed += len(experts)
                 self.stats.guessed_right += right
 
+    def _fill_pays(self, layer, e: int, n: int, routed) -> bool:
+        """Whether expert e of a decoder layer, computed on the host now, is worth loading behind
+        it for the cache (`CostModel.fill_pays`): its expected uses per step are its share of the
+        layer's routing history times the experts a step picks (rows x top-k, at most 1)."""
+        history = self.frequency[layer]
+        total = int(history.sum())
+        if not total or not self._steps_left:
+            return False
+        uses = min(1.0, history[e] / total * routed.shape[0] * self.config.moe_top_k)
+        return self.cost.fill_pays(n, uses, self._steps_left)
+
     def _host_experts(self, layer, experts, routed, counts, starts, out) -> jax.Array:
         """`experts` computed on the host (`offload.host`, in this thread), each one's output rows
         added into `out` on the device: its rows come over once (one device-to-host read of
@@ -414,40 +433,46 @@ class OffloadRunner:
         `guess` (with prefetch): the next MoE layer's router on this layer's input."""
         c, opts = self.config, self.options
         layer = (stack, index)
+        self._book()  # the last layer's bookkeeping, while the device computes this one's routing
         counts = np.asarray(routed.counts)  # the one wait for the device before the experts
         self._settle()  # the earlier layers' computations are done (this layer's input needed them)
         begin = time.perf_counter()  # the lower bound's span: the experts, from their counts on
-        active = [e for e in range(c.num_experts) if counts[e] > 0]
+        counts = counts.tolist()  # Python ints: this layer's bookkeeping stays off numpy's per-call costs
+        active = [e for e, n in enumerate(counts) if n]
         keys = {e: layer + (e,) for e in active}
         for e in active:
             self.slots.pin(keys[e])
         cached = [e for e in active if keys[e] in self.slots]
-        compute = [self.cost.compute(int(n)) for n in counts]
         host = [] if not opts.host_compute else [
-            e for e in active if e not in cached and self.cost.host(int(counts[e])) < self.cost.moving()]
+            e for e in active if e not in cached and self.cost.host(counts[e]) < self.cost.moving()]
+        if stack == "decoder" and layer == self._first_decoder:
+            self._steps_left = max(0, self._steps_left - 1)  # the decoding steps after this one
         for e in host:
             self.slots.unpin(keys[e])
-            if opts.cache != "none" and stack == "decoder":  # loaded behind its host computation for the
-                self._transfers.put((keys[e], "fill", time.perf_counter()))  # cache (a decoder layer recurs every step)
+            if opts.cache != "none" and stack == "decoder" and self._fill_pays(layer, e, counts[e], routed):
+                self._transfers.put((keys[e], "fill", time.perf_counter()))  # loaded behind its host computation
         device = [e for e in active if e not in host]
-        if opts.schedule == "infmoe":
+        streamed = [e for e in device if e not in cached]
+        compute = [self.cost.compute(n) for n in counts] if streamed else None
+        if opts.schedule == "infmoe" and streamed:
             order = S.infmoe_order(compute, self.cost.load, opts.device_experts, experts=device, resident=cached)
-        else:
-            order = cached + S.inorder([e for e in device if e not in cached])
+        else:  # in order; nothing to load: the cached experts in any order (each writes its own rows)
+            order = cached + S.inorder(streamed)
         requested = time.perf_counter()
         for e in order:
             if e not in cached:
                 self._transfers.put((keys[e], None, requested))
-        self.frequency[layer][active] += 1
-        self._score_guess(layer, active)
+        frequency = self.frequency[layer]
+        for e in active:
+            frequency[e] += 1
         if opts.prefetch:
+            self._score_guess(layer, active)
             self._prefetch(stack, index, wanted=routed.shape[0] * c.moe_top_k, guess=guess)
-        starts = split_moe.offsets(counts)
+        starts = list(itertools.accumulate(counts, initial=0))  # each expert's first row (split_moe.offsets)
         waited = 0.0
-        streamed = len(device) - len(cached)
-        bound = None if streamed == 0 else max(  # no load, no transfer to overlap
-            sum(compute[e] for e in device) + sum(self.cost.host(int(counts[e])) for e in host),
-            streamed * self.cost.load)
+        bound = None if not streamed else max(  # no load, no transfer to overlap
+            sum(compute[e] for e in device) + sum(self.cost.host(counts[e]) for e in host),
+            len(streamed) * self.cost.load)
         # A computation frees its slot when it is done. When the layer's experts outnumber the
         # K slots, a load may wait for a slot that one of them holds: the release thread sees
         # each finish (the waiting load takes the slot at once). Otherwise no load of this
@@ -467,7 +492,7 @@ class OffloadRunner:
             if self._error is not None:
                 raise RuntimeError(f"the transfer of expert {keys[e]} failed") from self._error
             waited += time.perf_counter() - t
-            n = int(counts[e])
+            n = counts[e]
             out, done = _slot_step(out, routed.rows, np.int32(starts[e]), np.int32(n), self._weights(keys[e]),
                                    tile=split_moe.bucket(n), activation=c.ffn_activation, dtype=c.dtype)
             if inline is None:
@@ -476,37 +501,48 @@ class OffloadRunner:
                 inline.append((keys[e], self._now()))
         if on_host:  # every device expert was cached
             out = self._host_experts(layer, on_host, routed, counts, starts, out)
-        self._dequantise_arrived()
         if inline is None:
             out.block_until_ready()
             self._account(begin, bound)
         elif inline:
             self._deferred.append((inline, done, begin, bound))
+        self._booking = (layer, [keys[e] for e in active], [keys[e] for e in cached], len(host), waited)
+        return out
+
+    def _book(self) -> None:
+        """The last MoE layer's bookkeeping, done when the next one starts (`moe_rows` calls it
+        before waiting for that layer's counts: the device is computing its routing meanwhile,
+        where done at the layer's end it added ~0.2 ms a layer to a decoding step): the int8
+        experts arrived since dispatched for dequantisation, its stats, and (no cache) the
+        experts prefetched for it and not used dropped."""
+        if self._booking is None:
+            return
+        layer, active, cached, host, waited = self._booking
+        self._booking = None
+        self._dequantise_arrived()
         with self._lock:
             st = self.stats
             st.needed += len(active)
             st.hits += len(cached)
-            st.prefetch_hits += sum(keys[e] in self._prefetched for e in cached)
-            self._prefetched.difference_update(keys[e] for e in cached)
+            st.prefetch_hits += sum(key in self._prefetched for key in cached)
+            st.host_computes += host
+            st.wait_time += waited
+            st.layers += 1
+            self._prefetched.difference_update(cached)
             stale = [key for key in self._prefetched if key[:2] == layer]  # prefetched for this layer, unused
-        if opts.cache == "none":
+        if self.options.cache == "none":
             for key in stale:
                 if self.slots.drop(key):
                     self._prefetched.discard(key)
-        with self._lock:
-            st = self.stats
-            st.host_computes += len(host)
-            st.wait_time += waited
-            st.layers += 1
-        return out
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, reps: int = 3) -> CostModel:
-        """Times one transfer over the link and one expert on 1 and 64 tokens (weights on the
-        device, each call waited for; and on the host when `host_compute`, and an int8
-        expert's dequantisation: per call in a stream of `4 * reps` calls, as the dispatching
-        thread and the device spend them in decoding): the schedule's estimates, and what
-        decides host compute."""
+        """Times one transfer over the link, and one expert on 1 and 64 tokens on the device
+        (and on the host when `host_compute`) and an int8 expert's dequantisation, each per call
+        in a stream of `4 * reps` calls, as the dispatching thread and the device spend them in
+        decoding (a call waited for on its own took 0.8 ms on the CPU where the stream spends
+        0.3 ms, and made the device look slower than the host): the schedule's estimates, and
+        what decides host compute and fills."""
         c = self.config
         key = next(iter(self.store.buffers))
         host_buf = self.store.buffers[key][0]
@@ -517,13 +553,28 @@ class OffloadRunner:
             buf = self.link.transfer(host_buf, split=self._split)
         load = (time.perf_counter() - start) / reps
         weights = self._arrive(buf)
+        # more of the layer's experts (at most K in all, as the slots allow), taken in turn like the
+        # host's: their weights as cold in the caches as the cache's many entries are in decoding
+        place = Link(self.device, float("inf") if self.device.platform == "cpu" else None)
+        cycle = [weights] + [self._arrive(place.transfer(b, split=self._split))
+                             for b in self.store.buffers[key][1:min(self.options.device_experts, 4)]]
         kw = dict(activation=c.ffn_activation, dtype=c.dtype)
+        def zeros(rows):  # committed to the device, as a jitted call's outputs are (an uncommitted
+            # first argument made the second call compile again, inside the timed stream)
+            return jax.device_put(np.zeros((rows, c.d_model), np.float32), self.device)
 
-        def device_run(n):
-            rows = jnp.zeros((2 * n, c.d_model), jnp.float32)
-            return _slot_step(jnp.zeros_like(rows), rows, np.int32(0), np.int32(n), weights.weights, tile=n, **kw)[1]
+        device_state = {n: [zeros(2 * n), zeros(2 * n)] for n in (1, 64)}
+        device_calls = [0]
 
-        host_state = {"out": jnp.zeros((64, c.d_model), jnp.float32), "calls": 0}
+        def device_run(n):  # as `moe_rows` issues them: the rows made once, the output threaded through
+            rows, out = device_state[n]
+            expert = cycle[device_calls[0] % len(cycle)]
+            device_calls[0] += 1
+            out, flag = _slot_step(out, rows, np.int32(0), np.int32(n), expert.weights, tile=n, **kw)
+            device_state[n][1] = out
+            return flag
+
+        host_state = {"out": zeros(64), "calls": 0}
 
         def host_run(n):  # as `_host_experts`: the layer's experts in turn (their weights cold in the caches)
             buffers = self.store.buffers[key]
@@ -535,7 +586,8 @@ class OffloadRunner:
             return host_state["out"]
 
         def timed(run, calls):
-            run().block_until_ready()  # compiled
+            run()
+            run().block_until_ready()  # compiled, for its arguments as the stream passes them
             start = time.perf_counter()
             for _ in range(calls - 1):
                 run()
@@ -547,24 +599,27 @@ class OffloadRunner:
             per_token = max(0.0, (times[64] - times[1]) / 63)
             return max(times[1] - per_token, 0.0), per_token
 
-        overhead, per_token = line(lambda n: device_run(n).block_until_ready(), reps)
+        overhead, per_token = line(device_run, 4 * reps)
         host_overhead, host_per_token = line(host_run, 4 * reps) if self.options.host_compute else (None, 0.0)
         arrive = 0.0
         if self.options.int8:
             packed = jax.device_put(host_buf, self.device)
             arrive = timed(lambda: _dequantise(packed, layout=self.store.layout, dtype=c.dtype)[1], 4 * reps)
-        weights.delete()
+        for expert in cycle:
+            expert.delete()
         self.link.reset_counters()
         return CostModel(overhead=overhead, per_token=per_token, load=load, host_overhead=host_overhead,
                          host_per_token=host_per_token, arrive=arrive)
 
     # ------------------------------------------------------------------ decoding
     def greedy(self, encoder_input_tokens, *, max_new_tokens: int, min_new_tokens: int = 0):
+        self._steps_left = max_new_tokens
         out = self.model.greedy(encoder_input_tokens, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
         self._settle()
         return out
 
     def beam_search(self, encoder_input_tokens, **kwargs):
+        self._steps_left = kwargs["max_new_tokens"]
         out = self.model.beam_search(encoder_input_tokens, **kwargs)
         self._settle()
         return out

@@ -103,9 +103,28 @@ def _apply(module: nn.Module, params, *args):
     return module.apply({"params": params}, *map(resolve, args))
 
 
+class Static:
+    """A static jit argument hashed once: jit hashes and compares its static arguments at every
+    call, and a flax module's dataclass hash and equality walk every field of its config (~60
+    us a decoding step's call on the CPU). The same holder each call: the cache lookup is its
+    stored hash and an identity check; equal modules still share one compilation."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value):
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Static) and (self.value is other.value or self.value == other.value)
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _apply_cached(module: nn.Module, params, cache, *args):
-    out, variables = module.apply({"params": params, "cache": cache}, *map(resolve, args), mutable=["cache"])
+def _apply_cached(module: Static, params, cache, *args):
+    out, variables = module.value.apply({"params": params, "cache": cache}, *map(resolve, args), mutable=["cache"])
     return out, variables["cache"]
 
 
@@ -127,10 +146,11 @@ def _encoder_moe_in(attention: nn.Module, moe_input: nn.Module, params, next_rou
     return (x, *_route(moe_input, params, next_router, x))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _decoder_moe_in(attention: nn.Module, moe_input: nn.Module, params, next_router, cache, x, *args):
+@functools.partial(jax.jit, static_argnums=0)
+def _decoder_moe_in(modules: Static, params, next_router, cache, x, *args):
     """A decoder MoE layer up to its experts: (x after attention, cache, routed tokens, zero rows,
-    the next MoE layer's guessed counts or None)."""
+    the next MoE layer's guessed counts or None). `modules`: (attention, MoE input)."""
+    attention, moe_input = modules.value
     x, variables = attention.apply({"params": params, "cache": cache}, resolve(x), *args, mutable=["cache"])
     return (x, variables["cache"], *_route(moe_input, params, next_router, x))
 
@@ -177,6 +197,9 @@ class SteppedModel:
         self._enc_attention = _EncoderAttention(**kw)
         self._dec_attention = _DecoderAttention(decode=True, **kw)
         self._moe_input = _MoeInput(**kw)
+        # a decoding step's static jit arguments, each hashed once (`Static`)
+        self._static_dec_layer = Static(self._dec_layer)
+        self._static_dec_moe = Static((self._dec_attention, self._moe_input))
         self._embed = Embed(num_embeddings=c.vocab_size, features=c.d_model, init_std=c.init_std, dtype=c.dtype,
                             param_dtype=c.param_dtype)
         self._norm = RMSNorm(epsilon=c.layer_norm_epsilon, dtype=c.dtype, param_dtype=c.param_dtype)
@@ -262,12 +285,12 @@ class SteppedModel:
         caches = []
         for i, (lp, cache) in enumerate(zip(self.layers["decoder"], state["layers"])):
             if self.is_moe("decoder", i):
-                x, cache, routed, out, guess = _decoder_moe_in(self._dec_attention, self._moe_input, lp,
+                x, cache, routed, out, guess = _decoder_moe_in(self._static_dec_moe, lp,
                                                                self._next_router("decoder", i), cache, x, enc,
                                                                self_bias, cross, index)
                 x = self._experts("decoder", i, x, routed, out, guess)
             else:
-                x, cache = _apply_cached(self._dec_layer, lp, cache, x, enc, self_bias, cross, index)
+                x, cache = _apply_cached(self._static_dec_layer, lp, cache, x, enc, self_bias, cross, index)
             caches.append(cache)
         return x, caches
 
@@ -295,14 +318,13 @@ class SteppedModel:
         out = []
         modules, head = self._head_args()
         p, max_length = self.params, _max_length(state)
-        step_modules = (self._relpos[False], max_length)
+        statics = Static((*modules, min_new_tokens, eos_id, (self._relpos[False], max_length)))
         x, self_bias = self._step_input(current, state["index"], max_length)
         for i in range(max_new_tokens):
             y, caches = self._layers(x, self_bias, state)
             # the head, the choice and the next step's input in one call
             current, done, score, ended, x, self_bias, index = _head_choice(
-                *modules, min_new_tokens, eos_id, step_modules, *head, p["decoder"]["relpos_bias"], y, done, score,
-                state["index"])
+                statics, *head, p["decoder"]["relpos_bias"], y, done, score, state["index"])
             state = {**state, "layers": caches, "index": index}
             out.append(current)
             if i >= min_new_tokens and bool(ended):  # no row ends before min_new_tokens: no wait until then
@@ -342,12 +364,13 @@ def _greedy_choice(logits, done, score, i, min_new_tokens: int, eos_id: int):
     return chosen, jnp.logical_or(done, chosen == eos_id), score + jnp.where(done, 0.0, logp)
 
 
-@functools.partial(jax.jit, static_argnums=tuple(range(7)))
-def _head_choice(config, norm, logits, embed, min_new_tokens: int, eos_id: int, step_modules: tuple, norm_params,
-                 logits_params, embed_params, relpos_table, x, done, score, index):
+@functools.partial(jax.jit, static_argnums=0)
+def _head_choice(statics: Static, norm_params, logits_params, embed_params, relpos_table, x, done, score, index):
     """The head, the greedy choice at step `index` and the next step's input, in one call:
     (chosen, done, score, every row done, next embeddings, next self-attention bias, index + 1).
-    `step_modules`: the decoder's relative-position module and the cache length."""
+    `statics`: (config, norm, logits, embed, min_new_tokens, eos_id, (the decoder's
+    relative-position module, the cache length))."""
+    config, norm, logits, embed, min_new_tokens, eos_id, step_modules = statics.value
     out = _head(config, norm, logits, embed, norm_params, logits_params, embed_params, x)
     chosen, done, score = _greedy_choice(out, done, score, index, min_new_tokens, eos_id)
     relpos, max_length = step_modules

@@ -442,7 +442,10 @@ class DeviceSlots:
     def event(self, key) -> threading.Event:
         """Set once `key`'s buffer is on the device (may be asked for before its load starts)."""
         with self.cond:
-            return self.events.setdefault(key, threading.Event())
+            event = self.events.get(key)
+            if event is None:  # made only when missing (an Event costs more than the lookup)
+                event = self.events[key] = threading.Event()
+            return event
 
     def get(self, key):
         with self.cond:

@@ -20,12 +20,14 @@ from tests.offload.models import inputs, tiny
 
 COST = CostModel(overhead=1e-4, per_token=1e-5, load=2e-4)  # skips calibration in most tests
 HOST = CostModel(overhead=1e-4, per_token=1e-5, load=2e-4, host_overhead=1e-4, host_per_token=1e-5)  # host < load
+# the host slower than the device (a GPU's case): a recurring host-computed expert pays its fill back
+FILL = CostModel(overhead=1e-5, per_token=1e-6, load=2e-4, host_overhead=1.9e-4, host_per_token=1e-6)
 MAX_NEW = 6
 
 
-def runner(c, params, **kw):
+def runner(c, params, cost=None, **kw):
     kw.setdefault("device_experts", 2)
-    return OffloadRunner(c, params, OffloadOptions(**kw), cost=HOST if kw.get("host_compute") else COST)
+    return OffloadRunner(c, params, OffloadOptions(**kw), cost=cost or (HOST if kw.get("host_compute") else COST))
 
 
 def test_layer_output_equals_resident_and_zero_token_experts_stay_home():
@@ -88,7 +90,9 @@ def test_cache_prefetch_and_schedule_change_timing_only():
                      "lfu+prefetch": dict(cache="lfu", prefetch=True),
                      "host+prefetch": dict(cache="none", prefetch=True, host_compute=True),
                      # int8 from the host's buffer (x q) s against the device's dequantised q s
-                     "host+lfu+int8": dict(cache="lfu", host_compute=True, int8=True)}.items():
+                     "host+lfu+int8": dict(cache="lfu", host_compute=True, int8=True, cost=FILL),
+                     # the host as fast as the device: a cached copy would save nothing
+                     "host+lfu, host = device": dict(cache="lfu", host_compute=True)}.items():
         with runner(c, params, device_experts=3, **kw) as r:
             outs[name] = r.greedy(enc, max_new_tokens=MAX_NEW)
             stats[name] = r.stats
@@ -103,9 +107,21 @@ def test_cache_prefetch_and_schedule_change_timing_only():
     assert stats["lfu+prefetch"].prefetches > 0 and stats["lfu+prefetch"].hits > 0
     assert stats["host+prefetch"].host_computes > 0  # prefetched experts ran on the device
     assert stats["host+prefetch"].prefetches > 0 and stats["host+prefetch"].hits > 0
-    # with a cache, a host-computed decoder expert is loaded behind its computation (a fill)
+    # with a cache, a host-computed decoder expert is loaded behind its computation (a fill) where
+    # its later uses on the device pay for the move (CostModel.fill_pays), and only there
     assert stats["host+lfu+int8"].host_computes > 0 and stats["host+lfu+int8"].fills > 0
     assert stats["host+lfu+int8"].hits > 0
+    assert stats["host+lfu, host = device"].host_computes > 0 and stats["host+lfu, host = device"].fills == 0
+
+
+def test_a_fill_pays_when_its_expected_uses_save_more_than_one_move():
+    """uses_per_step * steps_left * (host(n) - compute(n)) > moving(), by hand."""
+    cost = CostModel(overhead=1e-4, per_token=0.0, load=8e-4, arrive=2e-4, host_overhead=3e-4)  # saves 2e-4 a use
+    assert not cost.fill_pays(1, uses_per_step=0.5, steps_left=10)  # 0.5 * 10 * 2e-4 = 1e-3 = one move
+    assert cost.fill_pays(1, uses_per_step=0.5, steps_left=11)
+    assert not cost.fill_pays(1, uses_per_step=0.0, steps_left=1000)  # never needed
+    level = CostModel(overhead=1e-4, per_token=0.0, load=8e-4, host_overhead=1e-4)  # host as fast as the device
+    assert not level.fill_pays(1, uses_per_step=1.0, steps_left=10 ** 6)
 
 
 def test_router_prefetch_loads_what_the_next_layers_router_picks_and_every_slot_is_released():
