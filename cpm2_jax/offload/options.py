@@ -102,6 +102,9 @@ class CostModel:
     host_overhead: Optional[float] = None  # the same on the host (None: not calibrated)
     host_per_token: float = 0.0
     arrive: float = 0.0
+    # a one-token expert alone on the device, its inputs ready (a decoding step's cache hit; None:
+    # the stream's compute(1))
+    lone: Optional[float] = None
 
     def moving(self) -> float:
         """What moving one expert's weights to the device costs: its load and its dequantisation."""
@@ -112,17 +115,19 @@ class CostModel:
 
     def fill_pays(self, n: int, uses_per_step: float, steps_left: int) -> bool:
         """Whether loading a host-computed expert behind its computation (a fill, for the cache)
-        pays: each later use on the device saves host(n) - compute(n) against running it on the
-        host again, and the fill costs one move; over the decoding steps left, at its expected
-        uses per step (its share of the layer's routing history),
+        pays: each later use on the device saves host(n) - device(n) against running it on the
+        host again (device(n): the lone call's time, `lone`, as a decoding step's hit runs), and
+        the fill costs one move; over the decoding steps left, at its expected uses per step
+        (its share of the layer's routing history),
 
-            uses_per_step * steps_left * (host(n) - compute(n)) > moving().
+            uses_per_step * steps_left * (host(n) - device(n)) > moving().
 
         Never where the host is as fast as the device for n tokens (the CPU link model, whose
         host and device are cores alike): there a cached copy saves nothing; on a GPU a one-token
         expert takes microseconds against the host's milliseconds, and the experts that recur
         within a decoding pay their move back in a few uses."""
-        saving = self.host(n) - self.compute(n)
+        device = self.compute(n) if self.lone is None else self.lone + self.per_token * (n - 1)
+        saving = self.host(n) - device
         return saving > 0 and uses_per_step * steps_left * saving > self.moving()
 
     def host(self, n: int) -> float:

@@ -42,7 +42,6 @@ Beyond InfMoE:
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import queue
@@ -52,16 +51,17 @@ import typing
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from cpm2_jax.config import ModelConfig, dtype_of
+from cpm2_jax.config import ModelConfig
 from cpm2_jax.offload import host as H
 from cpm2_jax.offload import schedule as S
 from cpm2_jax.offload import split_moe
+from cpm2_jax.offload.calibration import calibrate
+from cpm2_jax.offload.calls import add_rows, dequantise, slot_step
 from cpm2_jax.offload.options import CostModel, OffloadOptions, Stats, check_options
 from cpm2_jax.offload.stepped import STACKS, SteppedModel
-from cpm2_jax.offload.store import DeviceSlots, Expert, ExpertStore, Link, dequantise
+from cpm2_jax.offload.store import DeviceSlots, Expert, ExpertStore, Link
 
 
 def split_experts(config: ModelConfig, params: dict) -> tuple[dict, dict]:
@@ -93,25 +93,6 @@ def split_experts(config: ModelConfig, params: dict) -> tuple[dict, dict]:
     for key in params:
         resident.setdefault(key, params[key])
     return resident, experts
-
-
-@functools.partial(jax.jit, static_argnames=("tile", "activation", "dtype"), donate_argnums=(0,))
-def _slot_step(out, rows, offset, count, weights, *, tile: int, activation: str, dtype: str):
-    """One expert from the weights its slot holds; returns the updated output and a scalar that
-    is ready when the computation is done."""
-    out = split_moe.add_expert_output(out, rows, offset, count, weights, tile=tile, activation=activation,
-                                      dtype=dtype_of(dtype))
-    return out, out[0, 0]
-
-
-_add_rows = jax.jit(split_moe.add_rows, donate_argnums=(0,))  # a host-computed expert's output, on the device
-
-
-@functools.partial(jax.jit, static_argnames=("layout", "dtype"))
-def _dequantise(buffer, *, layout: Layout, dtype: str):
-    """An int8 expert's float weights, and a flag ready with them (the release thread waits on
-    the flag: the weights may be evicted, and deleted, before it looks)."""
-    return dequantise(buffer, layout, dtype), buffer[0]
 
 
 class _Release(typing.NamedTuple):
@@ -196,7 +177,7 @@ class OffloadRunner:
         read it, and the release thread deletes the int8 buffer once it is done."""
         if not self.options.int8:
             return buf
-        weights, ready = _dequantise(buf, layout=self.store.layout, dtype=self.config.dtype)
+        weights, ready = dequantise(buf, layout=self.store.layout, dtype=self.config.dtype)
         weights = Expert(weights)
         if wait:
             weights.block_until_ready()
@@ -381,11 +362,12 @@ class OffloadRunner:
 
     def _score_guess(self, layer, active: list) -> None:
         """The share of the prefetch's guess for `layer` that it needed, into its kind's running
-        precision (an exponential average over about ten guesses)."""
+        precision (an exponential average over about twenty guesses: over ten, a guess right
+        42-47% of the time crossed the 0.5 threshold back and forth)."""
         kind, experts = self._guesses.pop(layer, (None, ()))
         if experts:
             right = len(set(experts) & set(active))
-            self.precision[kind] += 0.1 * (right / len(experts) - self.precision[kind])
+            self.precision[kind] += 0.05 * (right / len(experts) - self.precision[kind])
             with self._lock:
                 self.stats.guessed += len(experts)
                 self.stats.guessed_right += right
@@ -413,7 +395,7 @@ class OffloadRunner:
                               H.host_weights(self.store.buffers[layer][e], self.store.layout), self.config.ffn_activation)
             # y as the call's argument: a device_put first (to the CPU device) queued its copy
             # behind the device's computations (0.36 ms a row of 256 against 0.1 ms for the call)
-            out = _add_rows(out, y, np.int32(lo), np.int32(n))
+            out = add_rows(out, y, np.int32(lo), np.int32(n))
             with self._lock:
                 self.stats.timeline.append(("host", layer + (e,), start, self._now()))
         return out
@@ -493,7 +475,7 @@ class OffloadRunner:
                 raise RuntimeError(f"the transfer of expert {keys[e]} failed") from self._error
             waited += time.perf_counter() - t
             n = counts[e]
-            out, done = _slot_step(out, routed.rows, np.int32(starts[e]), np.int32(n), self._weights(keys[e]),
+            out, done = slot_step(out, routed.rows, np.int32(starts[e]), np.int32(n), self._weights(keys[e]),
                                    tile=split_moe.bucket(n), activation=c.ffn_activation, dtype=c.dtype)
             if inline is None:
                 self._releases.put(_Release("compute", keys[e], done, self._now()))
@@ -537,79 +519,8 @@ class OffloadRunner:
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, reps: int = 3) -> CostModel:
-        """Times one transfer over the link, and one expert on 1 and 64 tokens on the device
-        (and on the host when `host_compute`) and an int8 expert's dequantisation, each per call
-        in a stream of `4 * reps` calls, as the dispatching thread and the device spend them in
-        decoding (a call waited for on its own took 0.8 ms on the CPU where the stream spends
-        0.3 ms, and made the device look slower than the host): the schedule's estimates, and
-        what decides host compute and fills."""
-        c = self.config
-        key = next(iter(self.store.buffers))
-        host_buf = self.store.buffers[key][0]
-        buf = self.link.transfer(host_buf, split=self._split)
-        start = time.perf_counter()
-        for _ in range(reps):
-            buf.delete()  # its buffer goes back to the link's pool
-            buf = self.link.transfer(host_buf, split=self._split)
-        load = (time.perf_counter() - start) / reps
-        weights = self._arrive(buf)
-        # more of the layer's experts (at most K in all, as the slots allow), taken in turn like the
-        # host's: their weights as cold in the caches as the cache's many entries are in decoding
-        place = Link(self.device, float("inf") if self.device.platform == "cpu" else None)
-        cycle = [weights] + [self._arrive(place.transfer(b, split=self._split))
-                             for b in self.store.buffers[key][1:min(self.options.device_experts, 4)]]
-        kw = dict(activation=c.ffn_activation, dtype=c.dtype)
-        def zeros(rows):  # committed to the device, as a jitted call's outputs are (an uncommitted
-            # first argument made the second call compile again, inside the timed stream)
-            return jax.device_put(np.zeros((rows, c.d_model), np.float32), self.device)
-
-        device_state = {n: [zeros(2 * n), zeros(2 * n)] for n in (1, 64)}
-        device_calls = [0]
-
-        def device_run(n):  # as `moe_rows` issues them: the rows made once, the output threaded through
-            rows, out = device_state[n]
-            expert = cycle[device_calls[0] % len(cycle)]
-            device_calls[0] += 1
-            out, flag = _slot_step(out, rows, np.int32(0), np.int32(n), expert.weights, tile=n, **kw)
-            device_state[n][1] = out
-            return flag
-
-        host_state = {"out": zeros(64), "calls": 0}
-
-        def host_run(n):  # as `_host_experts`: the layer's experts in turn (their weights cold in the caches)
-            buffers = self.store.buffers[key]
-            buffer = buffers[host_state["calls"] % len(buffers)]
-            host_state["calls"] += 1
-            y = H.expert_rows(np.zeros((n, c.d_model), np.float32), H.host_weights(buffer, self.store.layout),
-                              c.ffn_activation)
-            host_state["out"] = _add_rows(host_state["out"], y, np.int32(0), np.int32(n))
-            return host_state["out"]
-
-        def timed(run, calls):
-            run()
-            run().block_until_ready()  # compiled, for its arguments as the stream passes them
-            start = time.perf_counter()
-            for _ in range(calls - 1):
-                run()
-            run().block_until_ready()
-            return (time.perf_counter() - start) / calls
-
-        def line(run, calls):
-            times = {n: timed(functools.partial(run, n), calls) for n in (1, 64)}
-            per_token = max(0.0, (times[64] - times[1]) / 63)
-            return max(times[1] - per_token, 0.0), per_token
-
-        overhead, per_token = line(device_run, 4 * reps)
-        host_overhead, host_per_token = line(host_run, 4 * reps) if self.options.host_compute else (None, 0.0)
-        arrive = 0.0
-        if self.options.int8:
-            packed = jax.device_put(host_buf, self.device)
-            arrive = timed(lambda: _dequantise(packed, layout=self.store.layout, dtype=c.dtype)[1], 4 * reps)
-        for expert in cycle:
-            expert.delete()
-        self.link.reset_counters()
-        return CostModel(overhead=overhead, per_token=per_token, load=load, host_overhead=host_overhead,
-                         host_per_token=host_per_token, arrive=arrive)
+        """The schedule's estimates, and what decides host compute and fills (`calibration`)."""
+        return calibrate(self, reps)
 
     # ------------------------------------------------------------------ decoding
     def greedy(self, encoder_input_tokens, *, max_new_tokens: int, min_new_tokens: int = 0):
