@@ -17,12 +17,14 @@ on the compute core its every wake-up took the core from the experts (0.66-0.79 
    too, with the K-aware bound (schedule.k_lower_bound: an expert of compute C holds the link
    to K-1 loads: under this skew K=4 is capped near 0.95, K=8 near 0.98).
 2. Greedy decoding (batch 1, --new_tokens 64: decoding rather than the encoder's loads and a
-   cold cache) of a small MoE model with Zipf-skewed routers, K = --decode_slots 16 (a quarter
+   cold cache; --prompts 4 inputs, each from a cold cache, a repetition's time their sum: one
+   input's routing had set the figure, its hit rate 0.53 where another's was 0.74) of a small
+   MoE model with Zipf-skewed routers, K = --decode_slots 16 (a quarter
    of the decoder's 2 x 32 experts), after a warm-up on another input (compiles; gives the
    routing history the lfu cache and the next step's prefetch learn from; within a step the
    prefetch applies the next layer's router to this layer's input), over the same link as 1
-   (`decode.link` gives one load's time against the calibrated one-token expert call, its
-   dispatch and wait included: 1.5-4x here, where on a GPU a one-token expert is
+   (`decode.link` gives one load's time against the calibrated one-token expert call, in a
+   stream of calls as decoding issues them: ~2x here, where on a GPU a one-token expert is
    microseconds against milliseconds of PCIe load): tokens/s of in-order streaming with no
    cache against lfu cache + prefetch, each in float32 and int8, with and without host compute
    (numpy on the host's core - the link's, beside the device's - for a cold expert whose
@@ -64,7 +66,7 @@ from benchmarks.report import RESULTS_DIR, machine_info, write_report  # noqa: E
 from cpm2_jax.config import get_config  # noqa: E402
 from cpm2_jax.model.transformer import EncoderDecoder  # noqa: E402
 from cpm2_jax.offload import schedule as S  # noqa: E402
-from cpm2_jax.offload.options import CostModel, OffloadOptions  # noqa: E402
+from cpm2_jax.offload.options import CostModel, OffloadOptions, Stats  # noqa: E402
 from cpm2_jax.offload.runner import OffloadRunner  # noqa: E402
 from cpm2_jax.offload.split_moe import route  # noqa: E402
 
@@ -208,7 +210,9 @@ def layer_benchmark(args, rng, link_cores) -> dict:
 def decode_benchmark(args, rng, bandwidth: float, link_cores) -> dict:
     c, params, _ = build(args, layers=args.layers, seed=1)
     warm = rng.integers(2, args.vocab, size=(1, 12)).astype(np.int32)
-    enc = rng.integers(2, args.vocab, size=(1, 12)).astype(np.int32)
+    # --prompts inputs (each decoded from a cold cache): one prompt's routing made the figure (its
+    # hit rate was 0.53 where another's was 0.74 with the same model, slots and history)
+    prompts = [rng.integers(2, args.vocab, size=(1, 12)).astype(np.int32) for _ in range(args.prompts)]
     base = dict(device_experts=args.decode_slots, bandwidth=bandwidth, link_cores=link_cores)
     # Like with like: each precision has its in-order stream, its cache + prefetch and its
     # all-resident ceiling (the same runner with every expert on the device, no link).
@@ -234,25 +238,33 @@ def decode_benchmark(args, rng, bandwidth: float, link_cores) -> dict:
                                               all_resident=name in ceilings)
             stores[opts.int8] = r.store
             r.greedy(warm, max_new_tokens=n, min_new_tokens=n)  # compiles; the routing history
-            r.greedy(enc, max_new_tokens=n, min_new_tokens=n)  # compiles the shapes of this input
+            r.greedy(prompts[0], max_new_tokens=n, min_new_tokens=n)  # compiles the shapes of the inputs
             r.frequency = {key: f * 0 for key, f in r.frequency.items()}
             r.greedy(warm, max_new_tokens=n, min_new_tokens=n)  # history from the warm-up input only
             history[name] = {key: f.copy() for key, f in r.frequency.items()}
         cost, host_cost = runners["inorder_stream"].cost, runners["cache_prefetch_int8_host"].cost
-        # Repetitions interleaved across the runners (a load change hits all alike); each starts
-        # cold (empty slots, the warm-up's history).
+        # Repetitions interleaved across the runners (a load change hits all alike); each prompt
+        # starts cold (empty slots, the warm-up's history); a repetition's time is its prompts' sum.
         times = {name: [] for name in runners}
+        per_prompt = {name: [[] for _ in prompts] for name in runners}
         for rep_ in range(args.reps):
             for name in shuffled(runners, rep_):
                 r = runners[name]
-                r.frequency = {key: f.copy() for key, f in history[name].items()}
-                r.empty_slots()
-                r.reset_stats()
-                t = time.perf_counter()
-                res = r.greedy(enc, max_new_tokens=n, min_new_tokens=n)
-                times[name].append(time.perf_counter() - t)
-                tokens[name] = np.asarray(res.tokens)[0]
-                st = r.stats
+                total, stats, got = 0.0, Stats(), []
+                for i, enc in enumerate(prompts):
+                    r.frequency = {key: f.copy() for key, f in history[name].items()}
+                    r.empty_slots()
+                    r.reset_stats()
+                    t = time.perf_counter()
+                    res = r.greedy(enc, max_new_tokens=n, min_new_tokens=n)
+                    dt = time.perf_counter() - t
+                    total += dt
+                    per_prompt[name][i].append(dt)
+                    got.append(np.asarray(res.tokens)[0])
+                    stats = stats.merged(r.stats)
+                times[name].append(total)
+                tokens[name] = np.stack(got)
+                st = stats
                 out[name] = {"loads": st.loads, "hit_rate": round(st.hit_rate, 3), "prefetches": st.prefetches,
                              "prefetch_hits": st.prefetch_hits, "guess_precision": round(st.guess_precision, 3),
                              "host_computes": st.host_computes, "fills": st.fills,
@@ -264,7 +276,9 @@ def decode_benchmark(args, rng, bandwidth: float, link_cores) -> dict:
             r.close()
     for name in times:
         dt = statistics.median(times[name])
-        out[name].update({"tokens_per_s": round(n / dt, 3), "tokens": n, "seconds": round(dt, 4)})
+        out[name].update({"tokens_per_s": round(n * len(prompts) / dt, 3), "tokens": n * len(prompts),
+                          "seconds": round(dt, 4),
+                          "tokens_per_s_by_prompt": [round(n / statistics.median(v), 1) for v in per_prompt[name]]})
     rate = {name: out[name]["tokens_per_s"] for name in times}
     for name in times:
         if name != "inorder_stream":
@@ -395,9 +409,12 @@ def main(argv=None, name: str = "offload") -> dict:
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--new_tokens", type=int, default=64,
                    help="decoded tokens (16 was mostly the encoder's loads and a cold cache, not decoding)")
+    p.add_argument("--prompts", type=int, default=4,
+                   help="decoded inputs per repetition, each from a cold cache (one input's routing set the figure)")
     p.add_argument("--layer_reps", type=int, default=45,
                    help="repetitions of the one-layer runs (~70 ms each: cheap; medians of paired ratios)")
-    p.add_argument("--reps", type=int, default=15, help="repetitions per arm (medians; fewer moved the layer efficiency by +-0.1 between runs)")
+    p.add_argument("--reps", type=int, default=9,
+                   help="decoding repetitions per arm, --prompts inputs each (medians)")
     p.add_argument("--bandwidth", type=float, default=None, help="bytes/s (default: matched to compute)")
     p.add_argument("--real_link", action="store_true", help="no link model: device_put over the real link")
     p.add_argument("--quick", action="store_true", help="smoke sizes")
@@ -408,7 +425,7 @@ def main(argv=None, name: str = "offload") -> dict:
     if args.quick:
         args.d_model, args.d_ff, args.experts, args.tokens, args.reps, args.new_tokens = 64, 128, 8, 64, 2, 4
         args.layer_reps = 2
-        args.slots, args.k_sweep, args.decode_slots = 4, [2], 4
+        args.slots, args.k_sweep, args.decode_slots, args.prompts = 4, [2], 4, 2
     sys.setswitchinterval(5e-4)  # the transfer and release threads get the GIL back promptly
     cores = split_cores(args.real_link)
     if cores["pinned"] and args.dispatch_core == "link":
