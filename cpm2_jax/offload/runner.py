@@ -203,9 +203,9 @@ class OffloadRunner:
         """Dispatches the dequantisation of every int8 expert already in a slot but not yet
         dequantised (prefetched, filled, or loaded for a later layer), once a layer is done
         (`_book`, as the next one starts): the device runs them between layers instead of at
-        their first use. Under the slots' lock, so none is evicted (and deleted) meanwhile. Only the keys
-        filled since the last call (`_raw`): a scan of every slot per layer took 13% of a
-        decoding step with all 128 experts resident."""
+        their first use. Under the slots' lock, so none is evicted (and deleted) meanwhile.
+        Only the keys filled since the last call (`_raw`): a scan of every slot per layer took
+        13% of a decoding step with all 128 experts resident."""
         if self.options.int8 and self._raw:
             with self._lock:
                 keys, self._raw = self._raw, set()
@@ -493,10 +493,10 @@ class OffloadRunner:
 
     def _book(self) -> None:
         """The last MoE layer's bookkeeping, done when the next one starts (`moe_rows` calls it
-        before waiting for that layer's counts: the device is computing its routing meanwhile,
-        where done at the layer's end it added ~0.2 ms a layer to a decoding step): the int8
-        experts arrived since dispatched for dequantisation, its stats, and (no cache) the
-        experts prefetched for it and not used dropped."""
+        before waiting for that layer's counts, while the device computes its routing, off the
+        path from one layer's counts to its experts): the int8 experts arrived since dispatched
+        for dequantisation, its stats, and (no cache) the experts prefetched for it and not
+        used dropped."""
         if self._booking is None:
             return
         layer, active, cached, host, waited = self._booking

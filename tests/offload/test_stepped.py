@@ -7,7 +7,7 @@ import numpy as np
 
 from cpm2_jax import decoding
 from cpm2_jax.model.transformer import EncoderDecoder
-from cpm2_jax.offload.stepped import SteppedModel
+from cpm2_jax.offload.stepped import Static, SteppedModel
 from tests.offload.models import inputs, tiny
 
 MAX_NEW = 6
@@ -93,3 +93,14 @@ def test_lookahead_guess_is_the_next_layers_router_on_this_layers_input():
         np.testing.assert_array_equal(guess, counts)
     # Each layer with its own router: the guesses are that router's, not this layer's routing.
     assert any((guess != counts).any() for counts, guess in guesses(own))
+
+
+def test_static_holders_hash_once_and_equal_modules_share_a_compilation():
+    """Two models of one config: their holders are equal (one jit cache entry for both), each
+    holder's hash is the one stored when made, and a holder never equals its bare value."""
+    c, params = tiny(moe=True)
+    a, b = SteppedModel(c, params), SteppedModel(c, params)
+    assert a._static_dec_moe is not b._static_dec_moe
+    assert a._static_dec_moe == b._static_dec_moe and hash(a._static_dec_moe) == hash(b._static_dec_moe)
+    assert hash(a._static_dec_moe) == hash((a._dec_attention, a._moe_input))
+    assert Static(1) != 1 and Static(1) != Static(2)
