@@ -414,7 +414,8 @@ def main(argv=None, name: str = "offload") -> dict:
     p.add_argument("--layer_reps", type=int, default=45,
                    help="repetitions of the one-layer runs (~70 ms each: cheap; medians of paired ratios)")
     p.add_argument("--reps", type=int, default=9,
-                   help="decoding repetitions per arm, --prompts inputs each (medians)")
+                   help="repetitions per decoding arm, --prompts inputs each (medians), and of the one-layer "
+                        "benchmark's first all-resident runs")
     p.add_argument("--bandwidth", type=float, default=None, help="bytes/s (default: matched to compute)")
     p.add_argument("--real_link", action="store_true", help="no link model: device_put over the real link")
     p.add_argument("--quick", action="store_true", help="smoke sizes")

@@ -4,6 +4,7 @@ measured as decoding spends them."""
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 
 import jax
@@ -40,28 +41,25 @@ def calibrate(runner, reps: int = 3) -> CostModel:
                          for b in runner.store.buffers[key][1:min(runner.options.device_experts, 4)]]
     kw = dict(activation=c.ffn_activation, dtype=c.dtype)
 
-    def zeros(rows):  # committed to the device, as a jitted call's outputs are (an uncommitted
-        # first argument made the second call compile again, inside the timed stream)
+    def zeros(rows):
+        # committed to the device, as a jitted call's outputs are (an uncommitted first argument
+        # made the second call compile again, inside the timed stream)
         return jax.device_put(np.zeros((rows, c.d_model), np.float32), runner.device)
 
     device_state = {n: [zeros(2 * n), zeros(2 * n)] for n in (1, 64)}
-    device_calls = [0]
+    device_experts = itertools.cycle(cycle)
 
     def device_run(n):  # as `moe_rows` issues them: the rows made once, the output threaded through
         rows, out = device_state[n]
-        expert = cycle[device_calls[0] % len(cycle)]
-        device_calls[0] += 1
-        out, flag = slot_step(out, rows, np.int32(0), np.int32(n), expert.weights, tile=n, **kw)
+        out, flag = slot_step(out, rows, np.int32(0), np.int32(n), next(device_experts).weights, tile=n, **kw)
         device_state[n][1] = out
         return flag
 
-    host_state = {"out": zeros(64), "calls": 0}
+    host_state = {"out": zeros(64)}
+    host_buffers = itertools.cycle(runner.store.buffers[key])
 
     def host_run(n):  # as `_host_experts`: the layer's experts in turn (their weights cold in the caches)
-        buffers = runner.store.buffers[key]
-        buffer = buffers[host_state["calls"] % len(buffers)]
-        host_state["calls"] += 1
-        y = H.expert_rows(np.zeros((n, c.d_model), np.float32), H.host_weights(buffer, runner.store.layout),
+        y = H.expert_rows(np.zeros((n, c.d_model), np.float32), H.host_weights(next(host_buffers), runner.store.layout),
                           c.ffn_activation)
         host_state["out"] = add_rows(host_state["out"], y, np.int32(0), np.int32(n))
         return host_state["out"]

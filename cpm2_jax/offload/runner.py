@@ -154,6 +154,7 @@ class OffloadRunner:
         self._steps_left = 0
         self._first_decoder = next((key for key in self.order if key[0] == "decoder"), None)
         # the MoE layer met after each: the following one, and after the last the decoder's first
+        # (the next decoding step's), not the encoder's
         after_last = self._first_decoder or self.order[0]
         self._next_layers = {key: self.order[i + 1] if i + 1 < len(self.order) else after_last
                              for i, key in enumerate(self.order)}
@@ -336,10 +337,7 @@ class OffloadRunner:
         self.close()
 
     # ------------------------------------------------------------------ one MoE layer
-    def _next_layer(self, stack: str, index: int):
-        """The MoE layer met next: the following one, and after the last the decoder's first
-        (the next decoding step), not the encoder's."""
-        return self._next_layers[(stack, index)]
+
 
     def _prefetch(self, stack: str, index: int, wanted: int, guess) -> None:
         """Queues the experts the next MoE layer will likely need that are not on the device (the
@@ -349,7 +347,7 @@ class OffloadRunner:
         token is not known yet - the `wanted` (a step's rows x top-k) that layer has needed most
         often. Only while that kind of guess has been right often enough (`_score_guess`); the
         guess is kept either way, to be scored against what the layer needs."""
-        nxt = self._next_layer(stack, index)
+        nxt = self._next_layers[(stack, index)]
         if guess is None:
             kind, scores, limit = "history", self.frequency[nxt].tolist(), wanted
         else:
