@@ -123,8 +123,11 @@ def test_a_fill_pays_when_its_expected_uses_save_more_than_one_move():
     level = CostModel(overhead=1e-4, per_token=0.0, load=8e-4, host_overhead=1e-4)  # host as fast as the device
     assert not level.fill_pays(1, uses_per_step=1.0, steps_left=10 ** 6)
     # a decoding step's hit is its lone call's time where calibrated (`lone`), not the stream's
-    lone = CostModel(overhead=3e-4, per_token=0.0, load=8e-4, arrive=2e-4, host_overhead=3e-4, lone=1e-4)
+    lone = CostModel(overhead=2e-4, per_token=0.0, load=8e-4, arrive=2e-4, host_overhead=3e-4, lone=1e-4)
     assert not lone.fill_pays(1, uses_per_step=0.5, steps_left=10) and lone.fill_pays(1, 0.5, 11)
+    # ... but a host as fast as the device's own computation never fills, whatever `lone` says
+    level_lone = CostModel(overhead=3e-4, per_token=0.0, load=8e-4, host_overhead=3e-4, lone=1e-4)
+    assert not level_lone.fill_pays(1, uses_per_step=1.0, steps_left=10 ** 6)
 
 
 def test_router_prefetch_loads_what_the_next_layers_router_picks_and_every_slot_is_released():
