@@ -16,6 +16,13 @@ on the compute core its every wake-up took the core from the experts (0.66-0.79 
    beside its set rate; for each K in --k_sweep
    too, with the K-aware bound (schedule.k_lower_bound: an expert of compute C holds the link
    to K-1 loads: under this skew K=4 is capped near 0.95, K=8 near 0.98).
+   Experts of d_model 256 x d_ff 2048 (6.3 MB in float32): the layer-stepped decoder of 2 below
+   spends a fixed ~2.5 ms a token on the CPU in Python and XLA dispatch whatever the experts'
+   size, and at d_ff 1024 one load (~2.1 ms at the matched link) was no larger than that, so the
+   decoding ratio measured the dispatch more than the experts' traffic (every expert resident
+   was only 2.5-4.0x the in-order stream). On a GPU with CPM-2-MoE's experts a load is
+   milliseconds against a step's microseconds of dispatch; d_ff 2048 is a step towards that
+   regime, not into it (ceiling ~4.6x here). `--d_ff 1024` gives the earlier sizes.
 2. Greedy decoding (batch 1, --new_tokens 64: decoding rather than the encoder's loads and a
    cold cache; --prompts 4 inputs, each from a cold cache, a repetition's time their sum: one
    input's routing had set the figure, its hit rate 0.53 where another's was 0.74) of a small
@@ -24,13 +31,16 @@ on the compute core its every wake-up took the core from the experts (0.66-0.79 
    routing history the lfu cache and the next step's prefetch learn from; within a step the
    prefetch applies the next layer's router to this layer's input), over the same link as 1
    (`decode.link` gives one load's time against the calibrated one-token expert call, in a
-   stream of calls as decoding issues them: ~2x here, where on a GPU a one-token expert is
-   microseconds against milliseconds of PCIe load): tokens/s of in-order streaming with no
-   cache against lfu cache + prefetch, each in float32 and int8, with and without host compute
-   (numpy on the host's core - the link's, beside the device's - for a cold expert whose
-   tokens cost less there than its load and dequantisation; `decode.link` gives that ratio:
-   0.35-0.80 over one session's runs here, ~0.25 on a GPU server, host-memory against PCIe
-   bandwidth), and each
+   stream of calls as decoding issues them: 3.4-9.7x over one session's runs here at d_ff
+   2048, where on a GPU a one-token expert is microseconds against milliseconds of PCIe
+   load): tokens/s of in-order streaming with no cache against lfu cache + prefetch, each in
+   float32 and int8, with and without host compute (numpy on the host's core - the link's,
+   beside the device's - for a cold expert whose tokens cost less there than its load and
+   dequantisation; `decode.link` gives that ratio:
+   0.2-0.6 over one session's runs here, ~0.25 on a GPU server, host-memory against PCIe
+   bandwidth; here the host computes a one-token expert about as fast as the device, both
+   reading it from one RAM, so the host's experts are rarely also loaded for the cache:
+   `CostModel.fill_pays`), and each
    precision's ceiling (the same runner with every expert resident at that precision, no
    link), medians of --reps runs interleaved across the arms in a fresh order each time.
    decode_speedup is the full design (lfu cache + prefetch + int8 + host compute) against
@@ -397,7 +407,10 @@ def split_cores(real_link: bool) -> dict:
 def main(argv=None, name: str = "offload") -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d_model", type=int, default=256)
-    p.add_argument("--d_ff", type=int, default=1024)
+    p.add_argument("--d_ff", type=int, default=2048,
+                   help="expert hidden size: 2048 makes one expert's load (~4.3 ms) outweigh the layer-stepped "
+                        "decoder's fixed per-token dispatch cost on a CPU (~2.5 ms); at 1024 (a ~2.1 ms load) the "
+                        "decoding ratio measured mostly that dispatch cost (ceiling 2.5-4.0x)")
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--tokens", type=int, default=512, help="tokens through the one-layer benchmark")
     p.add_argument("--slots", type=int, default=8, help="K of the headline figures")
