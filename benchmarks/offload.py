@@ -22,7 +22,7 @@ on the compute core its every wake-up took the core from the experts (0.66-0.79 
    decoding ratio measured the dispatch more than the experts' traffic (every expert resident
    was only 2.5-4.0x the in-order stream). On a GPU with CPM-2-MoE's experts a load is
    milliseconds against a step's microseconds of dispatch; d_ff 2048 is a step towards that
-   regime, not into it (ceiling ~4.6x here). `--d_ff 1024` gives the earlier sizes.
+   regime, not into it (ceiling 3.4-4.9x here). `--d_ff 1024` gives the earlier sizes.
 2. Greedy decoding (batch 1, --new_tokens 64: decoding rather than the encoder's loads and a
    cold cache; --prompts 4 inputs, each from a cold cache, a repetition's time their sum: one
    input's routing had set the figure, its hit rate 0.53 where another's was 0.74) of a small
@@ -36,12 +36,11 @@ on the compute core its every wake-up took the core from the experts (0.66-0.79 
    load): tokens/s of in-order streaming with no cache against lfu cache + prefetch, each in
    float32 and int8, with and without host compute (numpy on the host's core - the link's,
    beside the device's - for a cold expert whose tokens cost less there than its load and
-   dequantisation; `decode.link` gives that ratio:
-   0.2-0.6 over one session's runs here, ~0.25 on a GPU server, host-memory against PCIe
-   bandwidth; here the host computes a one-token expert about as fast as the device, both
-   reading it from one RAM, so the host's experts are rarely also loaded for the cache:
-   `CostModel.fill_pays`), and each
-   precision's ceiling (the same runner with every expert resident at that precision, no
+   dequantisation; `decode.link` gives that ratio: 0.1-0.6 over one session's runs here,
+   ~0.25 on a GPU server, host-memory against PCIe bandwidth; here the host computes a
+   one-token expert about as fast as the device, both reading it from one RAM, so the host's
+   experts are rarely also loaded for the cache: `CostModel.fill_pays`), and each precision's
+   ceiling (the same runner with every expert resident at that precision, no
    link), medians of --reps runs interleaved across the arms in a fresh order each time.
    decode_speedup is the full design (lfu cache + prefetch + int8 + host compute) against
    float32 in-order streaming (the public release); like-with-like speedups and ceilings

@@ -21,8 +21,8 @@ from cpm2_jax.offload.plan import measure_bandwidth  # noqa: E402
 # GPU sizes: one expert of d_model 2048, d_ff 5120 in float32 = 126 MB (CPM-2-MoE's experts are
 # 4096 x 10240, 252 MB in bf16), 2048 tokens through the layer.
 GPU_ARGS = ["--d_model", "2048", "--d_ff", "5120", "--experts", "32", "--tokens", "2048", "--slots", "8",
-            "--k_sweep", "4", "--layers", "2", "--new_tokens", "16", "--prompts", "2", "--reps", "3", "--layer_reps", "10",
-            "--real_link"]
+            "--k_sweep", "4", "--layers", "2", "--new_tokens", "16", "--prompts", "2", "--reps", "3",
+            "--layer_reps", "10", "--real_link"]
 
 
 def main(argv=None) -> dict:
